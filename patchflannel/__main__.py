@@ -1,0 +1,3 @@
+from patchflannel.cli import app
+
+app(prog_name="patchflannel")

@@ -1,0 +1,310 @@
+"""Command-line interface: wires the stages together; the only module that
+imports typer and rich."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="patchflannel",
+    help="Patched FLANNEL for chest X-ray research: lung segmentation, in-lung patch learners, FLANNEL ensemble.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES_DIR = ROOT / "samples"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for noisy in ("matplotlib", "PIL", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the library's user-facing errors into a red message and exit code 2."""
+    from .config import ConfigError
+    from .io import ImageReadError
+    from .store import StoreError
+    from .weights import WeightsNotFoundError
+
+    try:
+        yield
+    except (UserError, ConfigError, ImageReadError, StoreError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]; completed outputs are kept (written atomically); training resumes with --resume")
+        raise typer.Exit(130) from None
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)
+
+
+def _track_factory(progress: Progress) -> Callable[[Iterable[T], str, Optional[int]], Iterable[T]]:
+    def track(it: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
+        return progress.track(it, total=total, description=description)
+
+    return track
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} requested but CUDA is not available on this machine")
+    return device
+
+
+def _set_threads() -> None:
+    import torch
+
+    # OpenCV and torch would otherwise oversubscribe the cores.
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+# --------------------------------------------------------------------------- segment
+
+
+@app.command()
+def segment(
+    inputs: Annotated[list[Path], typer.Argument(help="Radiograph files or folders (PNG, JPEG, DICOM, JSRT .IMG, …).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: masks/ and overlays/ go here.")] = Path("out"),
+    weights: Annotated[Optional[Path], typer.Option(help="Lung U-Net weights (.safetensors with its .json).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Also write images + masks at 1024² to this HDF5 store.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 …")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Segment the lungs: writes OUT/masks/X.png (255 = lung, input size) and OUT/overlays/X.png."""
+    _setup_logging(verbose)
+    with _user_errors():
+        import numpy as np
+
+        from .io import ImageReadError, list_images, read_image, resize, to_uint8, write_png
+        from .segment import DEFAULT_WEIGHTS, WORK_SIZE, LungSegmenter, overlay
+        from .store import StoreWriter
+
+        files = list_images([str(p) for p in inputs])
+        if not files:
+            raise UserError(f"no image files found in {', '.join(map(str, inputs))}")
+        seg = LungSegmenter.from_pretrained(weights or DEFAULT_WEIGHTS, device=_device(device))
+        names = _unique_names(files)
+        writer = StoreWriter(store, provenance={"command": "segment", "weights": str(weights or DEFAULT_WEIGHTS)}) if store else None
+        results: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        try:
+            with _progress() as progress:
+                task = progress.add_task("segmenting", total=len(files))
+                for start in range(0, len(files), batch_size):
+                    batch_files = files[start:start + batch_size]
+                    images, ok_files = [], []
+                    for f in batch_files:
+                        try:
+                            images.append(read_image(f))
+                            ok_files.append(f)
+                        except ImageReadError as exc:
+                            results.append({"file": f, "status": "error", "detail": exc.problem})
+                            console.print(f"[red]✗[/] {exc}")
+                            progress.advance(task)
+                    if not images:
+                        continue
+                    masks = seg.predict(images, batch_size=batch_size)
+                    for f, im, m in zip(ok_files, images, masks):
+                        name = names[f]
+                        write_png(out_dir / "masks" / f"{name}.png", to_uint8(m))
+                        write_png(out_dir / "overlays" / f"{name}.png", overlay(im, m))
+                        if writer is not None:
+                            writer.add(name, resize(im, WORK_SIZE, "area"), resize(m, WORK_SIZE, "nearest"),
+                                       {"source_file": str(f), "orig_height": im.shape[0], "orig_width": im.shape[1]})
+                        frac = float(np.count_nonzero(m)) / m.size
+                        detail = f"{im.shape[1]}×{im.shape[0]}, lungs {100 * frac:.1f} %"
+                        if frac < 0.05:
+                            detail += " [yellow](very small lung area: check the overlay)[/]"
+                        results.append({"file": f, "status": "ok", "detail": detail})
+                        progress.advance(task)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            if len(writer):
+                writer.close()
+            else:
+                writer.abort()
+        elapsed = time.perf_counter() - t0
+        _summary_table(results, "segment")
+        n_ok = sum(r["status"] == "ok" for r in results)
+        out.print(f"{n_ok}/{len(results)} segmented in {elapsed:.1f} s → masks: {out_dir / 'masks'}, overlays: {out_dir / 'overlays'}"
+                  + (f", store: {store}" if store and n_ok else ""))
+        if n_ok < len(results):
+            raise typer.Exit(1)
+
+
+def _unique_names(files: list[Path]) -> dict[Path, str]:
+    """Output names = input stems, disambiguated when two inputs share a stem."""
+    names: dict[Path, str] = {}
+    seen: dict[str, int] = {}
+    for f in files:
+        stem = f.stem or f.name
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        names[f] = stem if n == 0 else f"{stem}_{n}"
+    return names
+
+
+def _summary_table(results: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=f"{title}: {sum(r['status'] == 'ok' for r in results)} ok, "
+                        f"{sum(r['status'] != 'ok' for r in results)} failed", show_lines=False)
+    table.add_column("file", overflow="fold")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    for r in results:
+        table.add_row(str(r["file"]), "[green]ok[/]" if r["status"] == "ok" else "[red]failed[/]", r["detail"])
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- train / evaluate the segmenter
+
+
+@app.command("train-seg")
+def train_seg(
+    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML path.")] = "seg_cpu",
+    run_dir: Annotated[Path, typer.Option(help="Run folder (config, split, checkpoints, metrics).")] = Path("runs/seg"),
+    data: Annotated[Optional[Path], typer.Option(help="JSRT folder (images + SCR masks).")] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="smp encoder name, e.g. resnet18, resnet34.")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Net input resolution.")] = None,
+    preprocess: Annotated[Optional[str], typer.Option(help="clahe, equalize or none.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    lr: Annotated[Optional[float], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N cases (smoke tests).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/checkpoint.pt.")] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train the lung U-Net on JSRT/SCR; evaluates the best checkpoint on the held-out test part."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from .config import load_config
+        from .segment import train_segmenter
+
+        cfg = load_config(config, {"data": str(data) if data else None, "epochs": epochs, "encoder": encoder,
+                                   "preprocess.size": size, "preprocess.method": preprocess, "batch_size": batch_size,
+                                   "lr": lr, "seed": seed, "limit": limit})
+        cfg["data"] = str(_resolve_data(cfg["data"]))
+        with _progress() as progress:
+            summary = train_segmenter(cfg, run_dir, resume=resume, track=_track_factory(progress), device=_device(device))
+        _print_seg_summary(summary, run_dir, "test")
+        out.print(f"best weights: {run_dir / 'best.safetensors'} (+ .json); copy both to weights/ to ship them")
+
+
+def _resolve_data(path: str | Path) -> Path:
+    """Config data paths are relative to the project root when not found from the cwd."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    cand = ROOT / p
+    return cand if cand.exists() else p
+
+
+def _print_seg_summary(summary: dict[str, Any], where: Path, prefix: str) -> None:
+    table = Table(title=f"lung segmentation, {summary['n']} held-out images at 1024²")
+    for col in ("metric", "mean", "std", "worst"):
+        table.add_column(col)
+    table.add_row("Jaccard", f"{summary['jaccard_mean']:.4f}", f"{summary['jaccard_std']:.4f}",
+                  f"{summary['jaccard_min']:.4f} ({summary['worst_image']})")
+    table.add_row("Dice", f"{summary['dice_mean']:.4f}", f"{summary['dice_std']:.4f}", "")
+    out.print(table)
+    out.print(f"per-image: {where / f'{prefix}_metrics.csv'}; worst cases: {where / f'{prefix}_worst_cases.png'}")
+
+
+@app.command("eval-seg")
+def eval_seg(
+    weights: Annotated[Optional[Path], typer.Option(help="Lung U-Net weights; default: shipped weights/lung_unet.")] = None,
+    data: Annotated[Path, typer.Option(help="JSRT folder (images + SCR masks).")] = SHARED_DATA / "jsrt",
+    split: Annotated[Optional[Path], typer.Option(help="split.json of a training run; evaluates its 'test' part. "
+                                                       "Default: the split saved with the weights.")] = None,
+    all_images: Annotated[bool, typer.Option("--all", help="Evaluate on every image found (ignores the split).")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/seg_eval"),
+    device: Annotated[str, typer.Option()] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Jaccard/Dice per image (mean ± std, worst) and a figure of the worst cases."""
+    _setup_logging(verbose)
+    with _user_errors():
+        import json
+
+        from .segment import DEFAULT_WEIGHTS, LungSegmenter, discover_jsrt, evaluate_split
+
+        seg = LungSegmenter.from_pretrained(weights or DEFAULT_WEIGHTS, device=_device(device))
+        cases = discover_jsrt(data)
+        if all_images:
+            ids = [c.case_id for c in cases]
+        else:
+            if split is not None:
+                ids = json.loads(Path(split).read_text())["test"]
+            elif "split" in seg.config:
+                ids = seg.config["split"]["test"]
+            else:
+                raise UserError("these weights carry no split; pass --split RUN/split.json or --all")
+            known = {c.case_id for c in cases}
+            ids = [i for i in ids if i in known]
+            if not ids:
+                raise UserError(f"none of the split's test images are in {data}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _progress() as progress:
+            summary = evaluate_split(seg, cases, ids, out_dir, track=_track_factory(progress))
+        _print_seg_summary(summary, out_dir, "test")
+
+
+@app.command("export-seg")
+def export_seg(
+    run_dir: Annotated[Path, typer.Argument(help="A train-seg run folder.")],
+    to: Annotated[Path, typer.Option(help="Destination stem (writes .safetensors + .json).")] = ROOT / "weights" / "lung_unet",
+) -> None:
+    """Ship a run's best lung U-Net: copies its weights with split, metrics and training time in the sidecar."""
+    _setup_logging(False)
+    with _user_errors():
+        from .segment import export_segmenter
+
+        stem = export_segmenter(run_dir, to)
+        out.print(f"exported {stem}.safetensors and {stem}.json")
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="patchflannel")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
