@@ -302,6 +302,91 @@ def export_seg(
         out.print(f"exported {stem}.safetensors and {stem}.json")
 
 
+# --------------------------------------------------------------------------- patch learners
+
+
+@app.command("train-patch")
+def train_patch(
+    k: Annotated[Optional[int], typer.Option("--k", help="Patches per image when voting (paper: 100).")] = None,
+    learner: Annotated[Optional[list[str]], typer.Option("--learner", help="Learner name (repeatable); "
+                                                         "global-NAME for a whole-image baseline. Default: from the config.")] = None,
+    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML path.")] = "patch_cpu",
+    run_dir: Annotated[Path, typer.Option(help="Run folder (resumable: finished folds are reused).")] = Path("runs/patch"),
+    data: Annotated[Optional[list[Path]], typer.Option(help="Data source(s): metadata.csv, Kaggle folder, ieee8023 CSV.")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="HDF5 cache of images + lung masks (built if missing).")] = None,
+    seg_weights: Annotated[Optional[Path], typer.Option(help="Lung U-Net used to build the cache.")] = None,
+    folds: Annotated[Optional[int], typer.Option()] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="'true' = torchvision ImageNet weights from $TORCH_HOME, or a checkpoint path.")] = None,
+    no_global: Annotated[bool, typer.Option("--no-global", help="Skip the whole-image baselines.")] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train patch learners over patient-grouped folds; write out-of-fold and test vote distributions."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from .config import dump_config, load_config
+        from .cxr import DataError, build_cache, load_records
+        from .patch_train import train_patch_run
+        from .segment import DEFAULT_WEIGHTS, LungSegmenter
+
+        pre = {"true": True, "false": None, "none": None}.get(str(pretrained).lower(), pretrained) if pretrained else None
+        cfg = load_config(config, {"k": k, "data": [str(d) for d in data] if data else None,
+                                   "cache": str(cache) if cache else None, "folds": folds, "epochs": epochs, "seed": seed,
+                                   "pretrained": pre})
+        if learner:
+            cfg["learners"] = [n for n in learner if not n.startswith("global-")]
+            cfg["global_learners"] = [n[len("global-"):] for n in learner if n.startswith("global-")]
+        if no_global:
+            cfg["global_learners"] = []
+        _check_learners(cfg["learners"] + (cfg.get("global_learners") or []))
+        cfg["cache"] = str(_resolve_data(cfg["cache"]) if not Path(cfg["cache"]).is_absolute() else cfg["cache"])
+        cfg["data"] = [str(_resolve_data(d)) for d in cfg["data"]]
+        dev = _device(device)
+        cache_path = Path(cfg["cache"])
+        if not cache_path.exists():
+            try:
+                records = load_records(cfg["data"])
+            except DataError as exc:
+                raise UserError(str(exc)) from None
+            seg = LungSegmenter.from_pretrained(seg_weights or DEFAULT_WEIGHTS, device=dev)
+            console.print(f"building the cache {cache_path} ({len(records)} images; segmenting each once)")
+            with _progress() as progress:
+                _, errors = build_cache(records, seg, cache_path, track=_track_factory(progress))
+            for e in errors:
+                console.print(f"[red]✗[/] {e}")
+            if errors:
+                console.print(f"[yellow]{len(errors)} unreadable images left out of the cache[/]")
+        if not cfg.get("pretrained"):
+            console.print("[yellow]note:[/] learners start from random weights (no ImageNet checkpoint); "
+                          "pass --pretrained true with weights in $TORCH_HOME/hub/checkpoints for pretrained starts")
+        with _progress() as progress:
+            results = train_patch_run(cfg, run_dir, device=__import__("torch").device(dev), track=_track_factory(progress))
+        table = Table(title=f"held-out test, mean (std) over {cfg['folds']} fold models, K={cfg['k']}")
+        table.add_column("learner")
+        from .cxr import CLASSES
+
+        for c in CLASSES:
+            table.add_column(f"F1 {c}")
+        table.add_column("macro-F1")
+        for spec, m in results.items():
+            s = m["test_summary"]
+            cells = [f"{s[f'per_class.{c}.f1']['mean']:.3f} ({s[f'per_class.{c}.f1']['std']:.3f})" for c in CLASSES]
+            table.add_row(spec, *cells, f"{s['macro_f1']['mean']:.3f} ({s['macro_f1']['std']:.3f})")
+        out.print(table)
+        out.print(f"run folder: {run_dir} (votes: <learner>/oof.npz, test.npz; metrics.json; confusion_test.png)")
+
+
+def _check_learners(names: list[str]) -> None:
+    from .learners import list_learners
+
+    known = set(list_learners())
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise UserError(f"unknown learner(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}")
+
+
 def main() -> None:  # pragma: no cover
     app(prog_name="patchflannel")
 
