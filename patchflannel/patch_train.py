@@ -13,9 +13,11 @@ Run folder written by :func:`train_patch_run`::
 
 Vote files (``numpy.savez``; classes in ``classes``):
 
-* ``oof.npz``: ``ids (n,) str, y (n,) int64, fold (n,) int64, soft (n,M), hard (n,M)`` —
+* ``oof.npz``: ``ids (n,) str, y (n,) int64, fold (n,) int64, soft (n,M), hard (n,M),
+  patients (n,) str, sources (n,) str, classes (M,) str, k ()`` —
   each image's distribution from the fold model that never saw its patient.
-* ``test.npz``: ``ids (t,), y (t,), soft (t,F,M), hard (t,F,M)`` — from each of the F fold models.
+* ``test.npz``: ``ids (t,), y (t,), soft (t,F,M), hard (t,F,M), patients, sources, classes, k``
+  — from each of the F fold models.
 
 ``soft`` is the mean patch softmax, ``hard`` the fraction of the K patches voting for
 each class. Global learners (``global-<name>``) see the whole image at the learner's
@@ -281,11 +283,13 @@ def run_learner(spec: str, data: CxrData, split: dict[str, Any], cfg: dict[str, 
         oof_fold[fold_idx] = f
         reports.append(classification_report_dict(data.labels[test_idx], test_soft[:, f], list(CLASSES), positive="covid"))
     oof_idx = [i for fi in folds for i in fi]
-    ids = np.array(data.ids)
+    ids, patients, sources = np.array(data.ids), np.array(data.patients), np.array(data.sources)
     _savez(ldir / "oof.npz", ids=ids[oof_idx], y=data.labels[oof_idx], fold=oof_fold[oof_idx], soft=oof_soft[oof_idx],
-           hard=oof_hard[oof_idx], classes=np.array(CLASSES), k=np.array(1 if mode == "global" else k))
+           hard=oof_hard[oof_idx], patients=patients[oof_idx], sources=sources[oof_idx], classes=np.array(CLASSES),
+           k=np.array(1 if mode == "global" else k))
     _savez(ldir / "test.npz", ids=ids[test_idx], y=data.labels[test_idx], soft=test_soft, hard=test_hard,
-           classes=np.array(CLASSES), k=np.array(1 if mode == "global" else k))
+           patients=patients[test_idx], sources=sources[test_idx], classes=np.array(CLASSES),
+           k=np.array(1 if mode == "global" else k))
     _votes_csv(ldir / "votes_oof.csv", ids[oof_idx], data.labels[oof_idx], oof_soft[oof_idx], oof_fold[oof_idx])
     _votes_csv(ldir / "votes_test.csv", ids[test_idx], data.labels[test_idx], test_soft.mean(1), None)
     summary = summarise(reports)
