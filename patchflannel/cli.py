@@ -378,6 +378,124 @@ def train_patch(
         out.print(f"run folder: {run_dir} (votes: <learner>/oof.npz, test.npz; metrics.json; confusion_test.png)")
 
 
+# --------------------------------------------------------------------------- ensemble + predict
+
+
+@app.command()
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="train-patch run folder(s) with <learner>/oof.npz and test.npz.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (weights, table, plots).")] = Path("runs/ensemble"),
+    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML path.")] = "ensemble_cpu",
+    learner: Annotated[Optional[list[str]], typer.Option("--learner", help="Restrict to these learners (repeatable).")] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="Focal-loss γ (paper text 3, reference code 10).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Training seeds per trainable model.")] = None,
+    distribution: Annotated[Optional[str], typer.Option(help="soft (mean patch softmax) or hard (vote fractions).")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train FLANNEL on out-of-fold learner distributions, with every baseline, and evaluate on the held-out test part."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from .config import load_config
+        from .ensemble_run import run_ensemble
+
+        cfg = load_config(config, {"gamma": gamma, "seeds": seeds, "distribution": distribution})
+        if learner:
+            cfg["learners"] = list(learner)
+        for r in runs:
+            if not r.is_dir():
+                raise UserError(f"run folder {r} not found")
+        with _progress() as progress:
+            run_ensemble(cfg, [r.resolve() for r in runs], out_dir, device=_device(device), track=_track_factory(progress))
+        out.print((out_dir / "table.md").read_text())
+        if (out_dir / "claims.md").exists():
+            out.print((out_dir / "claims.md").read_text())
+        out.print(f"ensemble folder: {out_dir} (flannel.safetensors, table.md, results.json/csv, plots)")
+
+
+@app.command("export-ensemble")
+def export_ensemble_cmd(
+    ensemble_dir: Annotated[Path, typer.Argument(help="An `ensemble` output folder.")],
+    to: Annotated[Path, typer.Option(help="Destination folder.")] = ROOT / "weights" / "ensemble",
+    full_precision: Annotated[bool, typer.Option(help="Store learner weights in float32 (default float16).")] = False,
+) -> None:
+    """Ship a FLANNEL model with its learners' fold models (used by `predict`)."""
+    _setup_logging(False)
+    with _user_errors():
+        from .pipeline import export_ensemble
+
+        dest = export_ensemble(ensemble_dir, to, half=not full_precision)
+        out.print(f"exported FLANNEL and its learners to {dest}")
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Radiograph files or folders.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
+    k: Annotated[int, typer.Option("--k", min=1, help="In-lung patches per image.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the patch centres.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 4,
+    weights: Annotated[Optional[Path], typer.Option(help="Ensemble folder (flannel + learners).")] = None,
+    seg_weights: Annotated[Optional[Path], typer.Option(help="Lung U-Net weights.")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Whole pipeline: lung mask → K patches → learners → FLANNEL → OUT/predictions.csv, OUT/json/, OUT/overlays/."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from .cxr import CLASSES
+        from .io import ImageReadError, list_images, read_image, resize, write_png
+        from .pipeline import DEFAULT_ENSEMBLE, Pipeline
+        from .segment import DEFAULT_WEIGHTS, overlay
+        from .weights import atomic_write_text, write_json
+
+        files = list_images([str(p) for p in inputs])
+        if not files:
+            raise UserError(f"no image files found in {', '.join(map(str, inputs))}")
+        pipe = Pipeline.from_weights(weights or DEFAULT_ENSEMBLE, seg_weights or DEFAULT_WEIGHTS, device=_device(device))
+        names = _unique_names(files)
+        rows: list[str] = ["file,label," + ",".join(f"p_{c}" for c in CLASSES)]
+        results: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        with _progress() as progress:
+            task = progress.add_task("predicting", total=len(files))
+            for start in range(0, len(files), batch_size):
+                imgs, ok = [], []
+                for f in files[start:start + batch_size]:
+                    try:
+                        imgs.append(read_image(f))
+                        ok.append(f)
+                    except ImageReadError as exc:
+                        results.append({"file": f, "status": "error", "detail": exc.problem})
+                        console.print(f"[red]✗[/] {exc}")
+                        progress.advance(task)
+                if not imgs:
+                    continue
+                for f, im, p in zip(ok, imgs, pipe.predict(imgs, k=k, seed=seed)):
+                    name = names[f]
+                    rows.append(f"{f},{p.label}," + ",".join(f"{v:.6f}" for v in p.probs))
+                    write_json(out_dir / "json" / f"{name}.json", {
+                        "file": str(f), "label": p.label, "probabilities": dict(zip(CLASSES, map(float, p.probs))),
+                        "k": k, "seed": seed, "lung_fraction": float(p.mask.mean()),
+                        "learners": {n: {"distribution": dict(zip(CLASSES, map(float, p.learner_probs[i]))),
+                                         "weight": float(p.learner_weights[i])} for i, n in enumerate(pipe.names)},
+                        "note": "research software, not a diagnostic device"})
+                    mask = resize(p.mask, im.shape, "nearest")
+                    write_png(out_dir / "overlays" / f"{name}.png", overlay(im, mask))
+                    results.append({"file": f, "status": "ok", "detail": f"{p.label} ({p.probs.max():.2f})  " +
+                                    " ".join(f"{c}={v:.2f}" for c, v in zip(CLASSES, p.probs))})
+                    progress.advance(task)
+        atomic_write_text(out_dir / "predictions.csv", "\n".join(rows) + "\n")
+        elapsed = time.perf_counter() - t0
+        _summary_table(results, "predict")
+        n_ok = sum(r["status"] == "ok" for r in results)
+        out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K={k}) → {out_dir / 'predictions.csv'}, "
+                  f"per-image JSON in {out_dir / 'json'}, overlays in {out_dir / 'overlays'}")
+        out.print("[dim]research software: not for clinical use[/]")
+        if n_ok < len(results):
+            raise typer.Exit(1)
+
+
 def _check_learners(names: list[str]) -> None:
     from .learners import list_learners
 
