@@ -298,8 +298,12 @@ def export_seg(
     with _user_errors():
         from .segment import export_segmenter
 
+        from .card import write_model_card
+
         stem = export_segmenter(run_dir, to)
         out.print(f"exported {stem}.safetensors and {stem}.json")
+        if stem.parent == ROOT / "weights":
+            out.print(f"model card: {write_model_card(stem.parent)}")
 
 
 # --------------------------------------------------------------------------- patch learners
@@ -424,8 +428,12 @@ def export_ensemble_cmd(
     with _user_errors():
         from .pipeline import export_ensemble
 
+        from .card import write_model_card
+
         dest = export_ensemble(ensemble_dir, to, half=not full_precision)
         out.print(f"exported FLANNEL and its learners to {dest}")
+        if dest.parent == ROOT / "weights":
+            out.print(f"model card: {write_model_card(dest.parent)}")
 
 
 @app.command()
