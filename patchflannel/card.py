@@ -17,7 +17,6 @@ def _fmt(x: Any, digits: int = 4) -> str:
 def segmenter_section(sidecar: dict[str, Any]) -> str:
     m = sidecar.get("test_metrics", {})
     pre = sidecar["preprocess"]
-    split = sidecar.get("split", {})
     lines = [
         "## `lung_unet` — lung segmentation",
         "",

@@ -110,7 +110,7 @@ def segment(
     with _user_errors():
         import numpy as np
 
-        from .io import ImageReadError, list_images, read_image, resize, to_uint8, write_png
+        from .io import list_images, resize, to_uint8, write_png
         from .segment import DEFAULT_WEIGHTS, WORK_SIZE, LungSegmenter, overlay
         from .store import StoreWriter
 
@@ -125,19 +125,7 @@ def segment(
         try:
             with _progress() as progress:
                 task = progress.add_task("segmenting", total=len(files))
-                for start in range(0, len(files), batch_size):
-                    batch_files = files[start:start + batch_size]
-                    images, ok_files = [], []
-                    for f in batch_files:
-                        try:
-                            images.append(read_image(f))
-                            ok_files.append(f)
-                        except ImageReadError as exc:
-                            results.append({"file": f, "status": "error", "detail": exc.problem})
-                            console.print(f"[red]✗[/] {exc}")
-                            progress.advance(task)
-                    if not images:
-                        continue
+                for ok_files, images in _read_batches(files, batch_size, results, progress, task):
                     masks = seg.predict(images, batch_size=batch_size)
                     for f, im, m in zip(ok_files, images, masks):
                         name = names[f]
@@ -168,6 +156,26 @@ def segment(
                   + (f", store: {store}" if store and n_ok else ""))
         if n_ok < len(results):
             raise typer.Exit(1)
+
+
+def _read_batches(files: list[Path], batch_size: int, results: list[dict[str, Any]], progress: Progress,
+                  task: Any) -> Iterator[tuple[list[Path], list[Any]]]:
+    """Yield ``(files, images)`` batches of readable files; each unreadable file
+    is reported, recorded in ``results`` and skipped."""
+    from .io import ImageReadError, read_image
+
+    for start in range(0, len(files), batch_size):
+        images, ok_files = [], []
+        for f in files[start:start + batch_size]:
+            try:
+                images.append(read_image(f))
+                ok_files.append(f)
+            except ImageReadError as exc:
+                results.append({"file": f, "status": "error", "detail": exc.problem})
+                console.print(f"[red]✗[/] {exc}")
+                progress.advance(task)
+        if images:
+            yield ok_files, images
 
 
 def _unique_names(files: list[Path]) -> dict[Path, str]:
@@ -330,7 +338,7 @@ def train_patch(
     """Train patch learners over patient-grouped folds; write out-of-fold and test vote distributions."""
     _setup_logging(verbose)
     with _user_errors():
-        from .config import dump_config, load_config
+        from .config import load_config
         from .cxr import DataError, build_cache, load_records
         from .patch_train import train_patch_run
         from .segment import DEFAULT_WEIGHTS, LungSegmenter
@@ -452,7 +460,7 @@ def predict(
     _setup_logging(verbose)
     with _user_errors():
         from .cxr import CLASSES
-        from .io import ImageReadError, list_images, read_image, resize, write_png
+        from .io import list_images, resize, write_png
         from .pipeline import DEFAULT_ENSEMBLE, Pipeline
         from .segment import DEFAULT_WEIGHTS, overlay
         from .weights import atomic_write_text, write_json
@@ -467,18 +475,7 @@ def predict(
         t0 = time.perf_counter()
         with _progress() as progress:
             task = progress.add_task("predicting", total=len(files))
-            for start in range(0, len(files), batch_size):
-                imgs, ok = [], []
-                for f in files[start:start + batch_size]:
-                    try:
-                        imgs.append(read_image(f))
-                        ok.append(f)
-                    except ImageReadError as exc:
-                        results.append({"file": f, "status": "error", "detail": exc.problem})
-                        console.print(f"[red]✗[/] {exc}")
-                        progress.advance(task)
-                if not imgs:
-                    continue
+            for ok, imgs in _read_batches(files, batch_size, results, progress, task):
                 for f, im, p in zip(ok, imgs, pipe.predict(imgs, k=k, seed=seed)):
                     name = names[f]
                     rows.append(f"{f},{p.label}," + ",".join(f"{v:.6f}" for v in p.probs))

@@ -13,7 +13,6 @@ exactly at inference.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,16 @@ SHARED_DATA = Path(os.environ.get("PATCHFLANNEL_DATA", ROOT.parent / "shared" / 
 
 # Two cores: keep the tests from oversubscribing them.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """For modules of many small ops: with other jobs on the 2 cores, a 2-thread
+    OpenMP pool spends its time in barriers (measured 5× slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

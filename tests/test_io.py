@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io as _io
 from pathlib import Path
 
 import cv2

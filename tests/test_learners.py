@@ -6,7 +6,6 @@ import json
 import re
 import socket
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,7 @@ LIGHT = list_learners(light_only=True)
 PAPER = list_learners(paper_only=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # These tests are many small ops; with other jobs on the 2 cores, a
-    # 2-thread OpenMP pool spends its time in barriers (5x slower measured).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)

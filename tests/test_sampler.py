@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,14 +13,7 @@ from patchflannel.sampler import extract_patches, sample_centres, sample_patches
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # These tests are many small ops; with other jobs on the 2 cores, a
-    # 2-thread OpenMP pool spends its time in barriers (5x slower measured).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _gen(seed: int, device: str = "cpu") -> torch.Generator:
