@@ -70,14 +70,45 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
+def patch_scale(patch_size: int, learner_input: int) -> int:
+    """Integer factor between the crop's field of view and the learner's input."""
+    if patch_size % learner_input:
+        raise ValueError(f"patch_size {patch_size} must be a multiple of learner_input {learner_input}")
+    return patch_size // learner_input
+
+
+def downscale(images: torch.Tensor, masks: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-shrink ``images (B,1,H,W) uint8`` and ``masks (B,1,H,W) bool`` by an
+    integer ``factor`` (a mask pixel is lung when at least half its block is)."""
+    if factor == 1:
+        return images, masks
+    img = F.avg_pool2d(images.float(), factor).round_().to(torch.uint8)
+    msk = F.avg_pool2d(masks.float(), factor) >= 0.5
+    return img, msk
+
+
 class InputMaker:
     """Makes the learner's inputs for images ``idx``: K in-lung crops
-    (``patch``) or the whole image resized (``global``)."""
+    (``patch``) or the whole image resized (``global``).
+
+    With ``learner_input`` < ``patch_size`` (CPU configs), the images are
+    shrunk once by ``patch_size / learner_input`` and crops of
+    ``learner_input`` are taken there: the field of view of a ``patch_size``
+    crop at 1024², at the learner's resolution."""
 
     def __init__(self, data: CxrData, mode: str, patch_size: int, global_size: int, mask_outside: bool,
                  device: torch.device, learner_input: int | None = None) -> None:
         self.data, self.mode, self.patch_size, self.mask_outside, self.device = data, mode, patch_size, mask_outside, device
         self.learner_input = learner_input or patch_size
+        self.factor = patch_scale(patch_size, self.learner_input)
+        if mode == "patch" and self.factor > 1:
+            # Shrink every image once, then crop at the learner's size: the same
+            # field of view as a patch_size crop, without resizing every crop.
+            parts = [downscale(data.images[i:i + 32], data.masks[i:i + 32], self.factor) for i in range(0, len(data.ids), 32)]
+            self.images = torch.cat([p[0] for p in parts])
+            self.masks = torch.cat([p[1] for p in parts])
+        else:
+            self.images, self.masks = data.images, data.masks
         if mode == "global":
             # Whole images at the learner's size, computed once (area-averaged from 1024²).
             small = [F.interpolate(data.images[i:i + 32].float() / 255.0, size=(global_size, global_size), mode="area")
@@ -91,16 +122,10 @@ class InputMaker:
         idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         if self.mode == "global":
             return self.global_images[idx_t].unsqueeze(1).to(self.device)
-        images = self.data.images[idx_t].to(self.device)
-        masks = self.data.masks[idx_t].to(self.device)
-        crops, _ = sample_patches(images, masks, k, size=self.patch_size, generator=gen, mask_outside=self.mask_outside)
-        crops = crops.float().div_(255.0)
-        if self.learner_input != self.patch_size:
-            # CPU configs look at the same 224-px field of view at a lower resolution.
-            b, kk = crops.shape[:2]
-            crops = F.interpolate(crops.flatten(0, 1), size=(self.learner_input, self.learner_input), mode="area")
-            crops = crops.view(b, kk, 1, self.learner_input, self.learner_input)
-        return crops
+        images = self.images[idx_t].to(self.device)
+        masks = self.masks[idx_t].to(self.device)
+        crops, _ = sample_patches(images, masks, k, size=self.learner_input, generator=gen, mask_outside=self.mask_outside)
+        return crops.float().div_(255.0)
 
 
 def make_input_maker(data: CxrData, mode: str, cfg: dict[str, Any], device: torch.device) -> InputMaker:

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .cxr import CLASSES
 from .io import resize, to_uint8
+from .patch_train import downscale, patch_scale
 from .segment import DEFAULT_WEIGHTS, WORK_SIZE, LungSegmenter, postprocess
 from .weights import WEIGHTS_DIR, WeightsNotFoundError, load_weights, save_weights, write_json
 
@@ -107,13 +107,12 @@ class Pipeline:
         # uint8 as in the training cache, so inputs match what the learners saw.
         imgs = torch.from_numpy(np.stack([to_uint8(w) for w in work])).unsqueeze(1).to(self.device)
         msk = torch.from_numpy(np.stack(masks)).unsqueeze(1).to(self.device)
+        factor = patch_scale(self.patch_size, self.learner_input)
+        imgs, msk = downscale(imgs, msk, factor)  # as in training (patch_train.InputMaker)
         gen = torch.Generator().manual_seed(seed)
-        crops, centres = sample_patches(imgs, msk, k, size=self.patch_size, generator=gen, mask_outside=self.mask_outside)
+        crops, centres = sample_patches(imgs, msk, k, size=self.learner_input, generator=gen, mask_outside=self.mask_outside)
+        centres = centres * factor  # report centres at 1024²
         x = crops.float().div_(255.0)
-        if self.learner_input != self.patch_size:
-            b = x.shape[0]
-            x = F.interpolate(x.flatten(0, 1), size=(self.learner_input,) * 2, mode="area").view(b, k, 1, self.learner_input,
-                                                                                                self.learner_input)
         dist_key = self.flannel_cfg.get("distribution", "soft")
         per_learner = []
         for name in self.names:

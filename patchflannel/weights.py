@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .io import _publish
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -83,7 +84,7 @@ def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: str | o
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "pt", "patchflannel": __version__})
-        os.replace(tmp, stem.with_suffix(".safetensors"))
+        _publish(tmp, stem.with_suffix(".safetensors"))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

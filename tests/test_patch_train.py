@@ -91,3 +91,25 @@ def test_train_patch_run_writes_oof_votes_and_resumes(tmp_path: Path) -> None:
     train_patch_run(cfg, run, torch.device("cpu"))  # resumes: every fold is done, votes reused
     np.testing.assert_array_equal(np.load(run / "mobilenet_v3_small" / "oof.npz")["soft"], oof["soft"])
     assert (run / "mobilenet_v3_small" / "confusion_test.png").stat().st_size > 0 and before
+
+
+def test_downscaled_crop_equals_shrunk_full_crop() -> None:
+    """A learner_input crop from the shrunk image = the patch_size crop at 1024² shrunk (same field of view)."""
+    import torch.nn.functional as F
+
+    from patchflannel.patch_train import downscale, patch_scale
+    from patchflannel.sampler import extract_patches
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (1, 1, 64, 64), generator=g, dtype=torch.uint8)
+    mask = torch.ones(1, 1, 64, 64, dtype=torch.bool)
+    f = patch_scale(16, 8)
+    small, small_mask = downscale(img, mask, f)
+    assert small.shape == (1, 1, 32, 32) and small_mask.all()
+    centres = torch.tensor([[[10, 12], [4, 4], [20, 7]]])
+    got = extract_patches(small, centres, size=8)
+    full = extract_patches(img, centres * f, size=16)
+    want = F.avg_pool2d(full.flatten(0, 1).float(), f).round().to(torch.uint8).view_as(got)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="multiple"):
+        patch_scale(224, 100)

@@ -1,0 +1,400 @@
+"""Patch inference: the batched path vs a faithful per-patch reference loop vs the network alone.
+
+One run times, for the same learner, K, patch size and learner input:
+
+(a) ``batched`` — the project's path. Images are already decoded (uint8
+    ``(N,1,1024,1024)``) and lung masks already in memory, as in the training
+    cache. Per batch of B images: move the images/masks to the device (a no-op
+    on CPU, as ``patch_train.InputMaker`` does), ``sample_patches`` (K centres
+    per image, one gather, image zeroed outside the lungs), uint8 → float,
+    area-downsample 224 → learner input, ``predict_distribution`` (chunked
+    forward) and ``vote``; the votes are copied to the CPU.
+(b) ``reference`` — a reimplementation of the reference method's loop: for each
+    of K passes, for each image, decode the image file (``read_image``), resize
+    it to 1024², read the SCR mask files and resize them to 1024² (both via
+    ``load_case``), ``np.nonzero`` the mask, pick one centre, crop one padded
+    224 patch, resize it to the learner input, forward it with batch size 1 and
+    keep the logits; then a per-image vote. It is slow, so it runs on
+    ``--ref-images`` × ``--ref-k`` patches and is *extrapolated* linearly per
+    image·patch (every step of the loop is per patch) to the full images × K;
+    the CSV marks such rows ``extrapolated=True``.
+    Centres: the reference drew the row and the column independently from the
+    mask's pixel lists, which puts some centres outside the lungs; that is the
+    default (``--ref-centres independent``) and the run reports how many landed
+    outside. ``--ref-centres joint`` draws one mask pixel instead (correct).
+    Where the reference's details are unknown the reimplementation takes the
+    cheaper choice (crop first, then zero it outside the lungs; crop by slicing
+    into a zero array rather than padding the whole image), which can only make
+    it faster, i.e. the measured speed-up conservative. The loop runs in one
+    process, like a ``DataLoader(batch_size=1, num_workers=0)``; with 2 cores,
+    loader workers could only overlap decoding with a forward that itself
+    wants both cores.
+(c) ``forward`` — the learner's bare forward on the same number of crops: random
+    float crops of the learner-input shape made before timing, already on the
+    device, split into the same chunks as (a) (B·K crops per batch, at most
+    ``--chunk-size`` per forward).
+
+(a) and (c) are timed interleaved (a, c, a, c, …) after a warm-up, and the
+median of ``--repeats`` is reported. ratio_a_over_c = time a / time c: the
+design target is <= 1.05 (sampling, cropping, downsampling and voting cost a
+few percent of the forward). speedup_a_vs_b = time b / time a for the same
+images × K: target >= 10.
+
+Weights: random init by default (timing does not depend on the values);
+``--weights PATH`` loads a learner saved by ``train-patch`` (safetensors + JSON).
+
+Usage (full settings; takes a few minutes on 2 CPU cores)::
+
+    python benchmarks/bench_patch_inference.py
+    python benchmarks/bench_patch_inference.py --images 2 --k 4 --ref-images 1 --ref-k 2   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+from patchflannel.io import resize, to_uint8
+from patchflannel.learners import create_learner, list_learners
+from patchflannel.sampler import sample_patches
+from patchflannel.segment import WORK_SIZE, JsrtCase, load_case
+from patchflannel.vote import predict_distribution, vote
+
+NAME = "patch_inference"
+PATCH_SIZE = 224
+DEFAULT_LEARNER_INPUT = 112  # configs/patch_cpu.yaml: learner_input
+NUM_CLASSES = 4
+GOAL_RATIO = 1.05
+GOAL_SPEEDUP = 10.0
+
+COLUMNS = [
+    "path", "batch_size", "images", "k", "patches", "seconds", "images_per_s", "patches_per_s",
+    "ratio_a_over_c", "speedup_a_vs_b", "extrapolated", "repeats", "seconds_min",
+    "learner", "learner_input", "patch_size", "chunk_size", "mask_outside", "amp", "ref_centres",
+    "device", "device_name", "cpu_count", "threads", "torch", "torchvision", "python", "note",
+]
+TABLE_COLUMNS = ["path", "batch_size", "images", "k", "patches", "seconds", "images_per_s", "patches_per_s",
+                 "ratio_a_over_c", "speedup_a_vs_b", "extrapolated"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=common.default_jsrt_dir(), help="JSRT folder (images + SCR lung masks)")
+    p.add_argument("--images", type=int, default=16, help="real images timed in paths a and c")
+    p.add_argument("--k", type=int, default=100, help="patches per image")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="images per batch in paths a and c")
+    p.add_argument("--learner", default="mobilenet_v3_small", help=f"one of: {', '.join(list_learners())}")
+    p.add_argument("--learner-input", type=int, default=None,
+                   help=f"crops are area-downsampled to this side before the learner; {PATCH_SIZE} = no downsampling "
+                        f"(default: the --weights sidecar's value, else {DEFAULT_LEARNER_INPUT} as configs/patch_cpu.yaml)")
+    p.add_argument("--weights", type=Path, default=None, help="learner .safetensors (+ .json) from train-patch; default random init")
+    p.add_argument("--chunk-size", type=int, default=256, help="crops per forward (predict_distribution's chunk_size)")
+    p.add_argument("--no-mask-outside", dest="mask_outside", action="store_false",
+                   help="do not zero the image outside the lungs in each crop (default: zero it, as configs/patch_cpu.yaml)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (torch.autocast) in all three paths")
+    p.add_argument("--ref-images", type=int, default=4, help="images timed in the reference loop (b)")
+    p.add_argument("--ref-k", type=int, default=25, help="patches per image timed in the reference loop (b)")
+    p.add_argument("--ref-centres", choices=["independent", "joint"], default="independent",
+                   help="reference centre draw: row and column independently (faithful) or one mask pixel (correct)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed full runs of a and c before timing")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of a and c (median reported)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR, help="folder of the CSV")
+    args = p.parse_args(argv)
+    for name in ("images", "k", "chunk_size", "ref_images", "ref_k"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.batch_sizes) < 1:
+        p.error("--batch-sizes must be >= 1")
+    if max(args.batch_sizes) > args.images:
+        p.error(f"--batch-sizes {max(args.batch_sizes)} is larger than --images {args.images}")
+    if args.learner_input is not None and not 1 <= args.learner_input <= PATCH_SIZE:
+        p.error(f"--learner-input must be in 1..{PATCH_SIZE}")
+    return args
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def build_learner(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, str, int, str]:
+    """→ (model in eval mode on device, learner name, learner input side, where the input side came from)."""
+    sidecar_input: int | None = None
+    if args.weights is not None:
+        from patchflannel.weights import load_weights
+
+        state, cfg = load_weights(args.weights)
+        name = cfg.get("learner")
+        if name is None:
+            raise SystemExit(f"error: {args.weights}: sidecar has no 'learner' entry; not a patch learner from train-patch")
+        model = create_learner(name, num_classes=len(cfg.get("classes", range(NUM_CLASSES))), in_chans=1)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        sidecar_input = cfg.get("learner_input")
+    else:
+        name = args.learner
+        try:
+            model = create_learner(name, num_classes=NUM_CLASSES, in_chans=1)
+        except (KeyError, ValueError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+    if args.learner_input is not None:
+        side, source = args.learner_input, "--learner-input"
+        if sidecar_input is not None and int(sidecar_input) != side:
+            print(f"warning: --learner-input {side} differs from the weights' learner_input {sidecar_input}")
+    elif sidecar_input is not None:
+        side, source = int(sidecar_input), f"from {args.weights}"
+    else:
+        side, source = DEFAULT_LEARNER_INPUT, "default, as configs/patch_cpu.yaml learner_input"
+    return model.to(device).eval(), name, side, source
+
+
+def load_decoded(cases: list[JsrtCase]) -> tuple[Tensor, Tensor]:
+    """Decode once (untimed): uint8 images ``(N,1,1024,1024)`` and bool masks ``(N,1,1024,1024)`` on the CPU."""
+    images, masks = [], []
+    for case in cases:
+        img, mask = load_case(case)
+        images.append(to_uint8(img))
+        masks.append(mask)
+    return torch.from_numpy(np.stack(images)).unsqueeze(1), torch.from_numpy(np.stack(masks)).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- (a) batched path
+
+
+@dataclass
+class BatchedPath:
+    """The project's path over all images, B at a time (see module docstring, (a))."""
+
+    model: nn.Module
+    images: Tensor  # (N,1,1024,1024) uint8, CPU
+    masks: Tensor  # (N,1,1024,1024) bool, CPU
+    batch_size: int
+    k: int
+    learner_input: int
+    chunk_size: int
+    mask_outside: bool
+    amp: bool
+    device: torch.device
+    seed: int = 0
+
+    def __call__(self) -> list[tuple[Tensor, Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        out = []
+        for start in range(0, self.images.shape[0], self.batch_size):
+            imgs = self.images[start:start + self.batch_size].to(self.device)
+            msk = self.masks[start:start + self.batch_size].to(self.device)
+            crops, _ = sample_patches(imgs, msk, self.k, size=PATCH_SIZE, generator=gen, mask_outside=self.mask_outside)
+            if self.learner_input != PATCH_SIZE:
+                b = crops.shape[0]
+                side = self.learner_input
+                x = F.interpolate(crops.flatten(0, 1).float().div_(255.0), size=(side, side), mode="area")
+                x = x.view(b, self.k, 1, side, side)
+            else:
+                x = crops  # uint8: predict_distribution converts chunk by chunk
+            hard, soft = vote(predict_distribution(self.model, x, chunk_size=self.chunk_size, amp=self.amp))
+            out.append((hard.cpu(), soft.cpu()))
+        return out
+
+
+# --------------------------------------------------------------------------- (c) bare forward
+
+
+@dataclass
+class ForwardOnly:
+    """The learner alone on pre-made crops, chunked exactly as (a) chunks them."""
+
+    model: nn.Module
+    n_images: int
+    batch_size: int
+    k: int
+    learner_input: int
+    chunk_size: int
+    amp: bool
+    device: torch.device
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        gen = torch.Generator().manual_seed(self.seed)
+        side = self.learner_input
+        self.batch_sizes = [min(self.batch_size, self.n_images - s) for s in range(0, self.n_images, self.batch_size)]
+        # One tensor per distinct batch size, reused: same shapes and chunks as (a).
+        self.crops = {b: torch.rand((b * self.k, 1, side, side), generator=gen).to(self.device) for b in set(self.batch_sizes)}
+
+    def __call__(self) -> None:
+        autocast = torch.autocast(device_type=self.device.type) if self.amp else torch.autocast(self.device.type, enabled=False)
+        with torch.inference_mode(), autocast:
+            for b in self.batch_sizes:
+                for chunk in self.crops[b].split(self.chunk_size):
+                    self.model(chunk)
+
+
+# --------------------------------------------------------------------------- (b) reference loop
+
+
+def crop_padded(img: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
+    """``size``×``size`` crop of ``(H,W)`` ``img`` around (row, col), zeros beyond the border.
+
+    Rows ``row - size//2 … row - size//2 + size - 1`` (same for columns): the
+    convention of ``patchflannel.sampler.extract_patches``.
+    """
+    h, w = img.shape
+    top, left = row - size // 2, col - size // 2
+    out = np.zeros((size, size), dtype=img.dtype)
+    r0, r1 = max(top, 0), min(top + size, h)
+    c0, c1 = max(left, 0), min(left + size, w)
+    out[r0 - top:r1 - top, c0 - left:c1 - left] = img[r0:r1, c0:c1]
+    return out
+
+
+def reference_centre(mask: np.ndarray, rng: np.random.Generator, mode: str) -> tuple[int, int]:
+    """One centre from a ``(H,W) bool`` mask: row and column drawn independently, or one mask pixel ('joint')."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return int(rng.integers(mask.shape[0])), int(rng.integers(mask.shape[1]))
+    if mode == "independent":
+        return int(rng.choice(rows)), int(rng.choice(cols))
+    j = int(rng.integers(rows.size))
+    return int(rows[j]), int(cols[j])
+
+
+@dataclass
+class ReferenceLoop:
+    """The reference's per-patch loop (see module docstring, (b)); counts centres outside the lungs."""
+
+    model: nn.Module
+    cases: list[JsrtCase]
+    k: int
+    learner_input: int
+    mask_outside: bool
+    amp: bool
+    centres: str
+    device: torch.device
+    seed: int = 0
+    outside: int = 0
+    drawn: int = 0
+
+    def __call__(self) -> tuple[Tensor, Tensor]:
+        rng = np.random.default_rng(self.seed)
+        logits: list[list[Tensor]] = [[] for _ in self.cases]
+        autocast = torch.autocast(device_type=self.device.type) if self.amp else torch.autocast(self.device.type, enabled=False)
+        for _ in range(self.k):
+            for i, case in enumerate(self.cases):
+                img, mask = load_case(case, WORK_SIZE)  # decode + resize image and mask files, every patch
+                row, col = reference_centre(mask, rng, self.centres)
+                self.drawn += 1
+                self.outside += int(not mask[row, col])
+                crop = crop_padded(img, row, col, PATCH_SIZE)
+                if self.mask_outside:
+                    crop = crop * crop_padded(mask, row, col, PATCH_SIZE)
+                crop = resize(crop, self.learner_input, "area")
+                x = torch.from_numpy(crop).reshape(1, 1, *crop.shape).to(self.device)
+                with torch.inference_mode(), autocast:
+                    out = self.model(x)
+                logits[i].append(out[0].float().cpu())
+        return vote(torch.stack([torch.stack(per_image) for per_image in logits]))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark, print the table, write the CSV; returns the CSV rows."""
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    with common.torch_threads(args.threads):
+        return _run(args, device, argv)
+
+
+def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None) -> list[dict[str, Any]]:
+    cases = common.find_jsrt_or_exit(args.data, max(args.images, args.ref_images))
+    model, learner, side, side_source = build_learner(args, device)
+    info = common.machine_info(device)
+    print(f"patch inference benchmark — {info['device']} ({info['device_name']}), {info['threads']} threads, "
+          f"torch {info['torch']}, torchvision {info['torchvision']}")
+    print(f"learner={learner} ({'weights ' + str(args.weights) if args.weights else 'random init'}), "
+          f"learner_input={side} ({side_source}), patch_size={PATCH_SIZE}, K={args.k}, images={args.images}, "
+          f"batch sizes={args.batch_sizes}, chunk_size={args.chunk_size}, mask_outside={args.mask_outside}, amp={args.amp}, "
+          f"warmup={args.warmup}, repeats={args.repeats}, data={args.data}")
+
+    images, masks = load_decoded(cases[:args.images])
+    n_patches = args.images * args.k
+    base = {"learner": learner, "learner_input": side, "patch_size": PATCH_SIZE, "chunk_size": args.chunk_size,
+            "mask_outside": args.mask_outside, "amp": args.amp, **info}
+
+    # (b) first: it decides the speed-up of every (a) row.
+    ref = ReferenceLoop(model, cases[:args.ref_images], args.ref_k, side, args.mask_outside, args.amp, args.ref_centres,
+                        device, args.seed)
+    ReferenceLoop(model, cases[:1], 1, side, args.mask_outside, args.amp, args.ref_centres, device, args.seed)()  # warm-up
+    print(f"(b) reference loop on {args.ref_images} images × {args.ref_k} patches ...", flush=True)
+    ref_seconds = common.time_once(ref, device)
+    ref_patches = args.ref_images * args.ref_k
+    per_patch = ref_seconds / ref_patches
+    outside_note = (f"centres: row and column drawn independently (as the reference); {ref.outside}/{ref.drawn} "
+                    f"({100 * ref.outside / ref.drawn:.1f}%) outside the lungs" if args.ref_centres == "independent"
+                    else f"centres: one mask pixel drawn jointly; {ref.outside}/{ref.drawn} outside the lungs")
+    basis = f"extrapolated linearly per image·patch from {args.ref_images} images × {args.ref_k} patches ({ref_seconds:.3g} s)"
+    ref_rows = [
+        {"path": "b_reference", "batch_size": 1, "images": args.ref_images, "k": args.ref_k, "patches": ref_patches,
+         "seconds": ref_seconds, "extrapolated": False, "repeats": 1, "seconds_min": ref_seconds,
+         "ref_centres": args.ref_centres, "note": f"measured; {outside_note}"},
+        {"path": "b_reference", "batch_size": 1, "images": args.images, "k": args.k, "patches": n_patches,
+         "seconds": per_patch * n_patches, "extrapolated": True, "repeats": 1, "ref_centres": args.ref_centres,
+         "note": f"{basis}; {outside_note}"},
+    ]
+    ref_full_seconds = per_patch * n_patches
+
+    rows: list[dict[str, Any]] = []
+    for b in args.batch_sizes:
+        print(f"(a) batched and (c) forward-only, batch size {b} ...", flush=True)
+        batched = BatchedPath(model, images, masks, b, args.k, side, args.chunk_size, args.mask_outside, args.amp, device,
+                              args.seed)
+        forward = ForwardOnly(model, args.images, b, args.k, side, args.chunk_size, args.amp, device, args.seed)
+        timing = common.time_interleaved({"a": batched, "c": forward}, device, args.warmup, args.repeats)
+        ta, tc = timing["a"].median, timing["c"].median
+        rows.append({"path": "a_batched", "batch_size": b, "images": args.images, "k": args.k, "patches": n_patches,
+                     "seconds": ta, "ratio_a_over_c": ta / tc, "speedup_a_vs_b": ref_full_seconds / ta,
+                     "extrapolated": False, "repeats": timing["a"].repeats, "seconds_min": timing["a"].min,
+                     "note": "decoded uint8 images + masks in memory; sample_patches + downsample + "
+                             "predict_distribution + vote; speedup vs the extrapolated b row"})
+        rows.append({"path": "c_forward", "batch_size": b, "images": args.images, "k": args.k, "patches": n_patches,
+                     "seconds": tc, "extrapolated": False, "repeats": timing["c"].repeats, "seconds_min": timing["c"].min,
+                     "note": "bare learner forward on pre-made random crops, same chunks as a"})
+        del forward
+    rows += ref_rows
+    for row in rows:
+        row.update({k: v for k, v in base.items() if k not in row})
+        row["images_per_s"] = row["images"] / row["seconds"]
+        row["patches_per_s"] = row["patches"] / row["seconds"]
+
+    print()
+    print(common.format_table(rows, TABLE_COLUMNS))
+    print()
+    for row in rows:
+        if row["path"] == "a_batched":
+            ok_r = "met" if row["ratio_a_over_c"] <= GOAL_RATIO else "NOT met"
+            ok_s = "met" if row["speedup_a_vs_b"] >= GOAL_SPEEDUP else "NOT met"
+            print(f"batch size {row['batch_size']}: a/c = {row['ratio_a_over_c']:.3f} (goal <= {GOAL_RATIO}: {ok_r}); "
+                  f"a vs b = {row['speedup_a_vs_b']:.1f}× (goal >= {GOAL_SPEEDUP:g}×: {ok_s})")
+    print(f"b: {basis}.")
+    print(f"b: {outside_note}.")
+    path = common.write_csv(common.results_path(NAME, device, args.out_dir), rows, COLUMNS)
+    print(f"command: {common.command_line(__file__, argv)}")
+    print(f"CSV: {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

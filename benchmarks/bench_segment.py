@@ -1,0 +1,225 @@
+"""Lung segmentation throughput at 1024², from the file on disk to the cleaned mask.
+
+For N JSRT radiographs, per batch of B images: ``read_image`` from disk,
+``resize`` to 1024² (area; a no-op for the 1024² JSRT PNGs, kept because other
+inputs need it, as ``Pipeline.predict`` does), then ``LungSegmenter.predict``
+with ``batch_size=B`` (preprocess to the net's size + CLAHE, U-Net forward,
+bilinear upsample to 1024², sigmoid, threshold, two largest components, holes
+filled) → ``(1024,1024) bool`` masks. The reported time is the median of
+``--repeats`` full passes over the N images, after ``--warmup`` untimed
+batches. Files are re-read from disk on every pass (warm OS cache after the
+first pass, as in any repeated run).
+
+The time split (read / resize / preprocess (resize to the net's size +
+CLAHE) / forward (U-Net) / upsample (bilinear to 1024², sigmoid, copy to the
+CPU) / postprocess (threshold, components, holes), in ms per image) comes from one extra instrumented pass per batch size that calls the
+same steps one at a time (mirroring ``LungSegmenter.predict_prob`` and
+``predict``); ``split_total_ms`` lets you check that it adds up to the
+end-to-end time. ``--no-split`` skips it.
+
+Goal: >= 4 images/s on the project's 2-core CPU.
+
+Weights: ``weights/lung_unet`` by default. ``--random-weights`` uses a randomly
+initialised U-Net of the shipped architecture (``build_unet('resnet18',
+(128,64,32,16,16))`` + ``Preprocess(size=256)``, CLAHE): same shapes, same
+timing, meaningless masks (postprocessing time can differ somewhat, since it
+depends on how many connected components the masks have).
+
+Usage (full settings: all ~200 JSRT images; a few minutes on 2 CPU cores)::
+
+    python benchmarks/bench_segment.py
+    python benchmarks/bench_segment.py --random-weights --images 2 --batch-sizes 1 2   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+from patchflannel.io import read_image, resize
+from patchflannel.segment import (
+    DEFAULT_WEIGHTS,
+    WORK_SIZE,
+    LungSegmenter,
+    Preprocess,
+    build_unet,
+    postprocess,
+)
+from patchflannel.weights import WeightsNotFoundError
+
+NAME = "segment"
+GOAL_IMAGES_PER_S = 4.0
+RANDOM_ENCODER = "resnet18"
+RANDOM_DECODER = (128, 64, 32, 16, 16)
+RANDOM_NET_SIZE = 256
+STAGES = ("read", "resize", "preprocess", "forward", "upsample", "postprocess")
+
+COLUMNS = [
+    "path", "batch_size", "images", "seconds", "images_per_s", "goal_images_per_s", "meets_goal", "repeats", "seconds_min",
+    *(f"{s}_ms" for s in STAGES), "split_total_ms",
+    "weights", "encoder", "net_size", "preprocess", "output_size",
+    "device", "device_name", "cpu_count", "threads", "torch", "torchvision", "python", "note",
+]
+TABLE_COLUMNS = ["batch_size", "images", "seconds", "images_per_s", "meets_goal", *(f"{s}_ms" for s in STAGES),
+                 "split_total_ms"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=common.default_jsrt_dir(), help="JSRT folder (images + SCR lung masks)")
+    p.add_argument("--images", type=int, default=None, help="number of JSRT images (default: all)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="images per LungSegmenter.predict call")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="segmenter weights (.safetensors + .json)")
+    p.add_argument("--random-weights", action="store_true",
+                   help=f"random U-Net of the shipped architecture ({RANDOM_ENCODER}, {list(RANDOM_DECODER)}, "
+                        f"input {RANDOM_NET_SIZE}) instead of --weights; same timing")
+    p.add_argument("--no-split", dest="split", action="store_false", help="skip the instrumented pass that splits the time")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches before timing each batch size")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over all images (median reported)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random U-Net")
+    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR, help="folder of the CSV")
+    args = p.parse_args(argv)
+    if min(args.batch_sizes) < 1:
+        p.error("--batch-sizes must be >= 1")
+    if args.images is not None and max(args.batch_sizes) > args.images:
+        p.error(f"--batch-sizes {max(args.batch_sizes)} is larger than --images {args.images}")
+    return args
+
+
+def build_segmenter(args: argparse.Namespace, device: torch.device) -> tuple[LungSegmenter, str, str]:
+    """→ (segmenter, weights description, encoder name)."""
+    if args.random_weights:
+        torch.manual_seed(args.seed)
+        model = build_unet(RANDOM_ENCODER, RANDOM_DECODER)
+        return LungSegmenter(model, Preprocess(size=RANDOM_NET_SIZE), 0.5, device=device), "random", RANDOM_ENCODER
+    try:
+        seg = LungSegmenter.from_pretrained(args.weights, device=device)
+    except WeightsNotFoundError as exc:
+        raise SystemExit(f"error: {exc}\nFor timing only, --random-weights uses a random U-Net of the same architecture.") from None
+    return seg, str(args.weights), str(seg.config.get("encoder", "?"))
+
+
+def segment_files(seg: LungSegmenter, paths: Sequence[Path], batch_size: int) -> list[np.ndarray]:
+    """The timed path: files → ``(1024,1024) bool`` masks, ``batch_size`` images per predict call."""
+    masks: list[np.ndarray] = []
+    for start in range(0, len(paths), batch_size):
+        images = [resize(read_image(p), WORK_SIZE, "area") for p in paths[start:start + batch_size]]
+        masks += seg.predict(images, batch_size=batch_size)
+    return masks
+
+
+def split_pass(seg: LungSegmenter, paths: Sequence[Path], batch_size: int, device: torch.device) -> dict[str, float]:
+    """One instrumented pass: seconds spent in each stage (summed over all images)."""
+    spent = dict.fromkeys(STAGES, 0.0)
+
+    def tick(stage: str, t0: float) -> float:
+        common.synchronize(device)
+        now = time.perf_counter()
+        spent[stage] += now - t0
+        return now
+
+    for start in range(0, len(paths), batch_size):
+        t = time.perf_counter()
+        raw = [read_image(p) for p in paths[start:start + batch_size]]
+        t = tick("read", t)
+        images = [resize(im, WORK_SIZE, "area") for im in raw]
+        t = tick("resize", t)
+        # From here on: LungSegmenter.predict_prob and predict, one step at a time.
+        batch = np.stack([seg.preprocess(im) for im in images])
+        t = tick("preprocess", t)
+        with torch.inference_mode():
+            logits = seg.predict_logits(batch)
+            t = tick("forward", t)
+            up = F.interpolate(logits, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False)
+            probs = torch.sigmoid(up)[:, 0].float().cpu().numpy()
+        t = tick("upsample", t)
+        for im, prob in zip(images, probs):
+            mask = postprocess(prob, seg.threshold)
+            if mask.shape != im.shape:
+                mask = resize(mask, im.shape, "nearest")
+        tick("postprocess", t)
+    return spent
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark, print the table, write the CSV; returns the CSV rows."""
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    with common.torch_threads(args.threads):
+        return _run(args, device, argv)
+
+
+def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None) -> list[dict[str, Any]]:
+    cases = common.find_jsrt_or_exit(args.data, args.images)
+    if max(args.batch_sizes) > len(cases):
+        raise SystemExit(f"error: --batch-sizes {max(args.batch_sizes)} is larger than the {len(cases)} images found")
+    paths = [c.image for c in cases]
+    seg, weights, encoder = build_segmenter(args, device)
+    info = common.machine_info(device)
+    pre = seg.preprocess
+    pre_desc = f"{pre.method} clip {pre.clip_limit} tiles {pre.tile_grid} gamma {pre.gamma}"
+    print(f"segmentation benchmark — {info['device']} ({info['device_name']}), {info['threads']} threads, "
+          f"torch {info['torch']}, torchvision {info['torchvision']}")
+    print(f"weights={weights}, encoder={encoder}, net input {pre.size}² ({pre_desc}), output {WORK_SIZE}², "
+          f"images={len(paths)}, batch sizes={args.batch_sizes}, warmup={args.warmup} batches, repeats={args.repeats}, "
+          f"data={args.data}")
+    print(f"goal: >= {GOAL_IMAGES_PER_S:g} images/s on the project's 2-core CPU", flush=True)
+
+    base = {"path": "read+segment", "weights": weights, "encoder": encoder, "net_size": pre.size, "preprocess": pre_desc,
+            "output_size": WORK_SIZE, "goal_images_per_s": GOAL_IMAGES_PER_S, **info}
+    rows: list[dict[str, Any]] = []
+    for b in args.batch_sizes:
+        print(f"batch size {b} ...", flush=True)
+        for _ in range(args.warmup):
+            segment_files(seg, paths[:b], b)
+        timing = common.time_interleaved({"e2e": lambda b=b: segment_files(seg, paths, b)}, device, 0, args.repeats)["e2e"]
+        row: dict[str, Any] = {**base, "batch_size": b, "images": len(paths), "seconds": timing.median,
+                               "images_per_s": len(paths) / timing.median, "repeats": timing.repeats,
+                               "seconds_min": timing.min}
+        row["meets_goal"] = row["images_per_s"] >= GOAL_IMAGES_PER_S
+        note = "read_image from disk → resize 1024² → LungSegmenter.predict → 1024² bool masks"
+        if args.split:
+            spent = split_pass(seg, paths, b, device)
+            for stage in STAGES:
+                row[f"{stage}_ms"] = 1e3 * spent[stage] / len(paths)
+            row["split_total_ms"] = 1e3 * sum(spent.values()) / len(paths)
+            note += "; *_ms: per image, from one extra instrumented pass"
+        row["note"] = note
+        rows.append(row)
+
+    print()
+    print(common.format_table(rows, TABLE_COLUMNS))
+    print()
+    for row in rows:
+        verdict = "met" if row["meets_goal"] else "NOT met"
+        line = f"batch size {row['batch_size']}: {row['images_per_s']:.2f} images/s (goal >= {GOAL_IMAGES_PER_S:g}: {verdict})"
+        if args.split:
+            total = row["split_total_ms"]
+            line += "; split " + ", ".join(f"{s} {100 * row[f'{s}_ms'] / total:.0f}%" for s in STAGES)
+            line += f" (split sums to {total:.1f} ms/image vs {1e3 * row['seconds'] / row['images']:.1f} end to end)"
+        print(line)
+    if weights == "random":
+        print("note: random U-Net weights (--random-weights); timing as for trained weights, masks meaningless.")
+    path = common.write_csv(common.results_path(NAME, device, args.out_dir), rows, COLUMNS)
+    print(f"command: {common.command_line(__file__, argv)}")
+    print(f"CSV: {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

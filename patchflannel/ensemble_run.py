@@ -1,0 +1,875 @@
+"""Ensemble run: train FLANNEL and its baselines on the learners' out-of-fold votes,
+compare them on the held-out test votes, and write tables, plots, claims and weights.
+
+Inputs are the vote files of one or more ``train-patch`` run folders (see
+:mod:`patchflannel.patch_train`): ``RUN/<learner>/oof.npz`` (each non-test
+image's distribution from the fold model that never saw its patient — the only
+data any combiner is trained on) and ``RUN/<learner>/test.npz`` (the held-out
+test images' distributions from each of the F fold models — used only for
+evaluation, after every combiner is trained).
+
+Output folder written by :func:`run_ensemble`::
+
+    OUT/config.yaml              resolved config (defaults filled in, run folders)
+    OUT/split.json               ensemble-train / validation ids (grouped by patient)
+    OUT/table.md                 mean (std) over F fold models × S seeds on the test set
+    OUT/results.json             every number: per-row summaries and per-evaluation reports
+    OUT/results.csv              one line per row × metric: mean, std, n
+    OUT/claims.md                automatically computed statements (FLANNEL vs baselines, source confound)
+    OUT/predictions_test.npz     test ids, labels, learners' P (mean of fold models), each row's probabilities
+    OUT/flannel.safetensors/.json  FLANNEL (focal), first seed; load with :func:`load_flannel`
+    OUT/*.png                    confusion matrices, ROC/PR, learner weights, training history
+
+Rerunning overwrites every file atomically; all training is small MLPs on
+(n,N,M) arrays and takes seconds to minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from .cxr import check_grouped, inner_validation
+from .ensemble import (
+    FitResult,
+    FlannelWeights,
+    StackingMLP,
+    class_balanced_alpha,
+    fit_combiner,
+    hard_vote,
+    soft_vote,
+)
+from .metrics import atomic_path, classification_report_dict, format_table, summarise, write_csv, write_json
+from .weights import load_weights, save_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULTS",
+    "LearnerSet",
+    "Votes",
+    "find_learners",
+    "load_flannel",
+    "load_votes",
+    "resolve_config",
+    "run_ensemble",
+    "source_confound",
+]
+
+T = TypeVar("T")
+Track = Callable[[Iterable[T], str, "int | None"], Iterable[T]]
+
+POSITIVE = "covid"
+GLOBAL_PREFIX = "global-"
+# Below this many adult non-COVID test images the source-confound rate is not interpreted.
+MIN_CONFOUND_N = 10
+
+DEFAULTS: dict[str, Any] = {
+    "learners": None,
+    "distribution": "soft",
+    "gamma": 3.0,
+    "beta": 2.0,
+    "seeds": 3,
+    "epochs": 300,
+    "lr": 3e-3,
+    "batch_size": 64,
+    "patience": 30,
+    "val_frac": 0.2,
+    "hidden": None,
+    "weight_decay": 0.0,
+    "stacking_width": 64,
+    "seed": 0,
+}
+
+
+def _no_track(it: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
+    return it
+
+
+# --------------------------------------------------------------------------- config
+
+
+def resolve_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``cfg`` with every missing key from :data:`DEFAULTS`, checked; unknown keys are kept (and logged)."""
+    out = {**DEFAULTS, **{k: v for k, v in (cfg or {}).items()}}
+    unknown = sorted(set(out) - set(DEFAULTS) - {"runs"})
+    if unknown:
+        logger.warning("ensemble config keys not used by run_ensemble: %s", ", ".join(unknown))
+    if out["distribution"] not in ("soft", "hard"):
+        raise ValueError(f"distribution must be 'soft' or 'hard', got {out['distribution']!r}")
+    for key in ("seeds", "epochs", "batch_size", "patience", "stacking_width"):
+        out[key] = int(out[key])
+        if out[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {out[key]}")
+    for key in ("gamma", "beta", "lr", "val_frac", "weight_decay"):
+        out[key] = float(out[key])
+    if out["gamma"] < 0 or out["beta"] <= 0 or out["lr"] <= 0:
+        raise ValueError(f"need gamma >= 0, beta > 0, lr > 0; got {out['gamma']}, {out['beta']}, {out['lr']}")
+    if not 0.0 < out["val_frac"] < 1.0:
+        raise ValueError(f"val_frac must lie in (0, 1), got {out['val_frac']}")
+    if out["hidden"] is not None:
+        out["hidden"] = int(out["hidden"])
+    out["seed"] = int(out["seed"])
+    if out["learners"] is not None:
+        out["learners"] = [str(n) for n in out["learners"]]
+    return out
+
+
+# --------------------------------------------------------------------------- votes
+
+
+@dataclass
+class LearnerSet:
+    """The learners of an ensemble run, in column order of ``P``."""
+
+    names: list[str]
+    classes: list[str]
+    distribution: str
+    k: dict[str, int]
+    folders: dict[str, Path]
+
+    def indices(self, *, global_: bool) -> list[int]:
+        """Columns of the whole-image (``global_=True``) or patch learners."""
+        return [i for i, n in enumerate(self.names) if _is_global(n) == global_]
+
+
+@dataclass
+class Votes:
+    """Aligned votes of every learner on one image set, sorted by image id.
+
+    ``P`` is ``(n,N,M)`` float32 for out-of-fold votes and ``(t,F,N,M)`` for
+    test votes (one distribution per fold model f).
+    """
+
+    ids: np.ndarray
+    y: np.ndarray
+    patients: np.ndarray
+    sources: np.ndarray
+    P: np.ndarray = field(repr=False)
+
+
+def _is_global(name: str) -> bool:
+    return name.rsplit("/", 1)[-1].startswith(GLOBAL_PREFIX)
+
+
+def find_learners(run_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
+    """Learner name → folder, for every subfolder of the runs holding ``oof.npz`` and ``test.npz``.
+
+    Names are folder names; a name found in several runs is qualified as
+    ``<run folder name>/<learner>`` in all of them.
+    """
+    found: list[tuple[Path, Path]] = []
+    for run in map(Path, run_dirs):
+        if not run.is_dir():
+            raise FileNotFoundError(f"run folder {run} not found")
+        found += [(run, sub) for sub in sorted(run.iterdir())
+                  if sub.is_dir() and (sub / "oof.npz").is_file() and (sub / "test.npz").is_file()]
+    if not found:
+        where = ", ".join(str(r) for r in run_dirs) or "(no run folders given)"
+        raise FileNotFoundError(f"no learner folders with oof.npz and test.npz in {where}; "
+                                "run `patchflannel train-patch` first")
+    counts: dict[str, int] = {}
+    for _, sub in found:
+        counts[sub.name] = counts.get(sub.name, 0) + 1
+    out: dict[str, Path] = {}
+    for run, sub in found:
+        name = sub.name if counts[sub.name] == 1 else f"{run.name}/{sub.name}"
+        if name in out:
+            raise ValueError(f"learner {name!r} appears twice ({out[name]} and {sub}); "
+                             "give the run folders distinct names")
+        out[name] = sub
+    return out
+
+
+_OOF_KEYS = ("ids", "y", "soft", "hard", "patients", "sources", "classes", "k")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in _OOF_KEYS if k not in z.files]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}; rerun train-patch with this version to rewrite its vote files")
+        return {k: z[k] for k in z.files}
+
+
+def _sorted_by_id(d: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    ids = d["ids"].astype(str)
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{path}: image ids are not unique")
+    order = np.argsort(ids, kind="stable")
+    n = len(ids)
+    return {k: (v[order] if v.ndim >= 1 and v.shape[0] == n and k != "classes" else v) for k, v in d.items()}
+
+
+def _check_same_ids(ref: np.ndarray, ids: np.ndarray, name: str, ref_name: str, part: str) -> None:
+    if ids.shape == ref.shape and np.array_equal(ids, ref):
+        return
+    a, b = set(ref.tolist()), set(ids.tolist())
+    missing, extra = sorted(a - b), sorted(b - a)
+    example = (missing or extra or ["?"])[0]
+    raise ValueError(
+        f"learner {name!r}: its {part} image ids differ from those of {ref_name!r} "
+        f"({len(missing)} missing, {len(extra)} extra, e.g. {example!r}); "
+        "ensemble only learners trained on the same split (same data and seed)")
+
+
+def load_votes(
+    run_dirs: Sequence[str | os.PathLike[str]],
+    learners: Sequence[str] | None = None,
+    distribution: str = "soft",
+) -> tuple[LearnerSet, Votes, Votes]:
+    """Read, check and align the vote files of every learner in the runs.
+
+    Args:
+        run_dirs: ``train-patch`` run folders.
+        learners: names (see :func:`find_learners`; a bare folder name also
+            matches a qualified one if unambiguous) to keep, in this order;
+            ``None`` keeps all, patch learners first, then global ones.
+        distribution: ``"soft"`` (mean patch softmax) or ``"hard"`` (vote fractions).
+
+    Returns:
+        ``(learner set, out-of-fold votes with P (n,N,M), test votes with P (t,F,N,M))``,
+        images sorted by id.
+
+    Raises:
+        ValueError: a learner's OOF or test ids, labels, classes or number of
+            fold models differ from the first learner's.
+    """
+    if distribution not in ("soft", "hard"):
+        raise ValueError(f"distribution must be 'soft' or 'hard', got {distribution!r}")
+    available = find_learners(run_dirs)
+    if learners is None:
+        names = [n for n in available if not _is_global(n)] + [n for n in available if _is_global(n)]
+    else:
+        names = []
+        for want in learners:
+            match = [n for n in available if n == want] or [n for n in available if n.rsplit("/", 1)[-1] == want]
+            if len(match) != 1:
+                why = "is ambiguous" if match else "was not found"
+                raise ValueError(f"learner {want!r} {why}; available: {', '.join(available)}")
+            if match[0] in names:
+                raise ValueError(f"learner {want!r} is listed twice")
+            names.append(match[0])
+    if not names:
+        raise ValueError("no learners selected")
+
+    P_oof, P_test, ks = [], [], {}
+    ref: dict[str, Any] = {}
+    for name in names:
+        folder = available[name]
+        oof = _sorted_by_id(_read_npz(folder / "oof.npz"), folder / "oof.npz")
+        test = _sorted_by_id(_read_npz(folder / "test.npz"), folder / "test.npz")
+        classes = [str(c) for c in oof["classes"]]
+        ids_o, ids_t = oof["ids"].astype(str), test["ids"].astype(str)
+        po = np.asarray(oof[distribution], dtype=np.float32)
+        pt = np.asarray(test[distribution], dtype=np.float32)
+        if po.shape != (len(ids_o), len(classes)) or pt.ndim != 3 or pt.shape[::2] != (len(ids_t), len(classes)):
+            raise ValueError(f"learner {name!r}: {distribution} votes have shapes {po.shape} (oof) and {pt.shape} "
+                             f"(test); expected (n,{len(classes)}) and (t,F,{len(classes)})")
+        if not (np.isfinite(po).all() and np.isfinite(pt).all()):
+            raise ValueError(f"learner {name!r}: {distribution} votes contain NaN or inf")
+        if not ref:
+            ref = {"name": name, "classes": classes, "oof": oof, "test": test, "F": pt.shape[1]}
+        else:
+            if classes != ref["classes"] or [str(c) for c in test["classes"]] != ref["classes"]:
+                raise ValueError(f"learner {name!r} has classes {classes}, {ref['name']!r} has {ref['classes']}")
+            _check_same_ids(ref["oof"]["ids"].astype(str), ids_o, name, ref["name"], "out-of-fold")
+            _check_same_ids(ref["test"]["ids"].astype(str), ids_t, name, ref["name"], "test")
+            for part, key, d in (("out-of-fold", "oof", oof), ("test", "test", test)):
+                bad = int((d["y"] != ref[key]["y"]).sum())
+                if bad:
+                    raise ValueError(f"learner {name!r}: {bad} {part} labels differ from {ref['name']!r}'s")
+            if pt.shape[1] != ref["F"]:
+                raise ValueError(f"learner {name!r} has test votes from {pt.shape[1]} fold models, {ref['name']!r} "
+                                 f"from {ref['F']}; every run must use the same number of folds")
+        P_oof.append(po)
+        P_test.append(pt)
+        ks[name] = int(oof["k"])
+
+    o, t = ref["oof"], ref["test"]
+    lset = LearnerSet(names=names, classes=ref["classes"], distribution=distribution, k=ks,
+                      folders={n: available[n] for n in names})
+    oof_votes = Votes(ids=o["ids"].astype(str), y=o["y"].astype(np.int64), patients=o["patients"].astype(str),
+                      sources=o["sources"].astype(str), P=np.stack(P_oof, axis=1))
+    test_votes = Votes(ids=t["ids"].astype(str), y=t["y"].astype(np.int64), patients=t["patients"].astype(str),
+                       sources=t["sources"].astype(str), P=np.stack(P_test, axis=2))
+    logger.info("ensemble: %d learners (%s), %d out-of-fold and %d test images, %d fold models, %s votes",
+                len(names), ", ".join(names), len(oof_votes.ids), len(test_votes.ids), ref["F"], distribution)
+    return lset, oof_votes, test_votes
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass
+class _Row:
+    """One line of the comparison: a fixed rule or a trainable combiner over some learners."""
+
+    name: str
+    key: str
+    learners: list[int]
+    rule: Callable[[Tensor], Tensor] | None = None  # (B,n,M) → (B,M) probabilities
+    build: Callable[[], nn.Module] | None = None
+    fit: dict[str, Any] = field(default_factory=dict)
+    fits: list[FitResult] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> bool:
+        return self.build is not None
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _rows(lset: LearnerSet, cfg: dict[str, Any], alpha: Tensor) -> list[_Row]:
+    patch, glob = lset.indices(global_=False), lset.indices(global_=True)
+    m = len(lset.classes)
+    hidden, width = cfg["hidden"], cfg["stacking_width"]
+
+    def flannel(n: int) -> Callable[[], nn.Module]:
+        return lambda: FlannelWeights(n, m, hidden)
+
+    def stacking(n: int, layers: int) -> Callable[[], nn.Module]:
+        return lambda: StackingMLP(n, m, hidden_layers=layers, width=width)
+
+    n = len(patch)
+    focal = {"loss": "focal", "gamma": cfg["gamma"], "alpha": alpha}
+    rows = [_Row(lset.names[i], _slug(lset.names[i]), [i], rule=lambda P: P[:, 0]) for i in patch]
+    rows += [
+        _Row("soft voting", "soft_voting", patch, rule=soft_vote),
+        _Row("hard voting", "hard_voting", patch, rule=hard_vote),
+        _Row("stacking MLP (1 layer)", "stacking_mlp_1", patch, build=stacking(n, 1), fit={"loss": "ce"}),
+        _Row("stacking MLP (2 layers)", "stacking_mlp_2", patch, build=stacking(n, 2), fit={"loss": "ce"}),
+        _Row(f"FLANNEL (focal γ={cfg['gamma']:g})", "flannel_focal", patch, build=flannel(n), fit=focal),
+        _Row("FLANNEL (CE)", "flannel_ce", patch, build=flannel(n), fit={"loss": "ce"}),
+        _Row("FLANNEL (CE + resampling)", "flannel_ce_resampling", patch, build=flannel(n),
+             fit={"loss": "ce", "resample": True}),
+        _Row(f"FLANNEL (weighted CE β={cfg['beta']:g})", "flannel_weighted_ce", patch, build=flannel(n),
+             fit={"loss": "weighted_ce", "beta": cfg["beta"]}),
+    ]
+    if glob:
+        rows += [_Row(lset.names[i], _slug(lset.names[i]), [i], rule=lambda P: P[:, 0]) for i in glob]
+        rows.append(_Row("FLANNEL over global learners (focal)", "flannel_global_focal", glob,
+                         build=flannel(len(glob)), fit=focal))
+    return rows
+
+
+def _train(row: _Row, P_tr: np.ndarray, y_tr: np.ndarray, P_va: np.ndarray, y_va: np.ndarray,
+           cfg: dict[str, Any], device: torch.device) -> None:
+    """Fit ``row`` once per seed on ensemble-train, early-stopped on validation (OOF data only)."""
+    assert row.build is not None
+    cols = row.learners
+    for s in range(cfg["seeds"]):
+        seed = cfg["seed"] + s
+        # The init comes from the global RNG; fork it so the caller's stream is untouched.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            model = row.build()
+        res = fit_combiner(model, P_tr[:, cols], y_tr, P_va[:, cols], y_va, epochs=cfg["epochs"], lr=cfg["lr"],
+                           batch_size=cfg["batch_size"], patience=cfg["patience"],
+                           weight_decay=cfg["weight_decay"], seed=seed, device=device, **row.fit)
+        logger.debug("%s seed %d: best epoch %d, val macro-F1 %.3f", row.name, seed, res.best_epoch,
+                    res.best_val_macro_f1)
+        row.fits.append(res)
+        row.seeds.append(seed)
+
+
+@torch.no_grad()
+def _predict(
+    row: _Row, P: np.ndarray, fit: FitResult | None, device: torch.device
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """P: (B,N,M) all learners → (probabilities (B,M) float64, FLANNEL weights (B,n) or None)."""
+    x = torch.as_tensor(P[:, row.learners], dtype=torch.float32, device=device)
+    if fit is None:
+        assert row.rule is not None
+        return row.rule(x).double().cpu().numpy(), None
+    fit.model.eval()
+    out = fit.model(x)
+    z, w = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+    proba = torch.softmax(z.double(), dim=1).cpu().numpy()
+    return proba, None if w is None else w.double().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- source confound
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _is_pediatric(source: str) -> bool:
+    s = source.lower()
+    return "kaggle" in s or "pediatric" in s
+
+
+def source_confound(pred: np.ndarray, y: np.ndarray, sources: np.ndarray, covid: int) -> dict[str, Any]:
+    """How often non-COVID images are called COVID, adult vs pediatric sources.
+
+    In these data every COVID image comes from an adult source and most
+    non-COVID ones from the pediatric Kaggle set, so a model can score well by
+    recognising "adult" instead of COVID. Adult non-COVID images (source not
+    containing "kaggle"/"pediatric"; empty sources are left out) are the
+    images where that shortcut shows: their COVID call rate should be as low
+    as the pediatric one.
+
+    Args:
+        pred: (t,) int predicted classes; y: (t,) int labels; sources: (t,) str.
+    """
+    sources = np.asarray(sources).astype(str)
+    known = np.char.str_len(np.char.strip(sources)) > 0
+    ped = np.array([_is_pediatric(s) for s in sources], dtype=bool)
+    non_covid = np.asarray(y) != covid
+    called = np.asarray(pred) == covid
+
+    def group(mask: np.ndarray) -> dict[str, Any]:
+        n, k = int(mask.sum()), int((called & mask).sum())
+        lo, hi = _wilson(k, n)
+        return {"n": n, "predicted_covid": k, "fraction": k / n if n else math.nan, "ci95": [lo, hi]}
+
+    adult, pediatric = group(known & ~ped & non_covid), group(known & ped & non_covid)
+    if adult["n"] == 0:
+        verdict = "no adult non-COVID test images: the source confound cannot be checked"
+    elif adult["n"] < MIN_CONFOUND_N:
+        verdict = (f"too few adult non-COVID test images ({adult['n']} < {MIN_CONFOUND_N}) to conclude "
+                   "anything about a source confound")
+    elif pediatric["n"] and adult["ci95"][0] > pediatric["ci95"][1]:
+        verdict = ("adult non-COVID images are called COVID more often than pediatric ones (95% intervals do not "
+                   "overlap): consistent with the model partly recognising the adult source rather than COVID")
+    elif adult["fraction"] >= 0.5:
+        verdict = "at least half of the adult non-COVID images are called COVID: a source shortcut is likely"
+    else:
+        verdict = "no clear evidence of a source confound at this sample size (intervals overlap)"
+    return {"adult_non_covid": adult, "pediatric_non_covid": pediatric,
+            "unknown_source": int((~known).sum()), "verdict": verdict}
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def _per_fold(evals: list[dict[str, Any]], key: str, n_folds: int) -> np.ndarray:
+    """Mean over seeds of one metric for each fold model → (F,)."""
+    out = np.full(n_folds, np.nan)
+    for f in range(n_folds):
+        vals = [_get(e["report"], key) for e in evals if e["fold_model"] == f]
+        vals = [v for v in vals if math.isfinite(v)]
+        if vals:
+            out[f] = float(np.mean(vals))
+    return out
+
+
+def _get(report: Mapping[str, Any], dotted: str) -> float:
+    node: Any = report
+    for part in dotted.split("."):
+        node = node[part]
+    return float(node) if node is not None else math.nan
+
+
+def _compare(a: dict[str, Any], b: dict[str, Any], key: str, n_folds: int) -> dict[str, Any]:
+    sa, sb = a["summary"].get(key, {}), b["summary"].get(key, {})
+    ma, mb = sa.get("mean", math.nan), sb.get("mean", math.nan)
+    da, db = sa.get("std", math.nan), sb.get("std", math.nan)
+    fa, fb = _per_fold(a["evaluations"], key, n_folds), _per_fold(b["evaluations"], key, n_folds)
+    ok = np.isfinite(fa) & np.isfinite(fb)
+    diff = ma - mb
+    spread = max(v for v in (da, db, 0.0) if math.isfinite(v))
+    if not (math.isfinite(ma) and math.isfinite(mb)):
+        verdict = "undefined"
+    elif abs(diff) < 1e-12:
+        verdict, diff = "tie", 0.0
+    elif diff > 0:
+        verdict = "yes" if diff > spread and (fa[ok] > fb[ok]).all() else "yes, but within the spread (not conclusive)"
+    else:
+        verdict = "no" if -diff > spread else "no, but within the spread (not conclusive)"
+    return {"metric": key, "flannel": ma, "flannel_std": da, "other": mb, "other_std": db, "difference": diff,
+            "fold_models_won": int((fa[ok] > fb[ok]).sum()), "fold_models_compared": int(ok.sum()), "verdict": verdict}
+
+
+def _claims_md(res: dict[str, Any], row_fl: str, best: str, best_test: str, covid_name: str) -> str:
+    rows = {r["name"]: r for r in res["rows"]}
+    f, s = res["n_fold_models"], res["config"]["seeds"]
+    nt, nc = res["n_images"]["test"], res["n_images"]["test_per_class"][covid_name]
+    fl = rows[row_fl]["summary"]
+    lines = [
+        "# Claims (computed automatically)",
+        "",
+        (f"Held-out test set: {nt} images ({nc} {covid_name}); every number is the mean ± std over "
+         f"{f} fold models × {s} seeds ({f} fold models for untrained rows). Combiners were trained on "
+         f"{res['n_images']['ensemble_train']} out-of-fold images and early-stopped on "
+         f"{res['n_images']['ensemble_val']} (grouped by patient); nothing was selected on the test set."),
+        "",
+        (f"**{row_fl}**: macro-F1 {fl['macro_f1']['mean']:.3f} ± {fl['macro_f1']['std']:.3f}, "
+         f"{covid_name} F1 {fl[f'per_class.{covid_name}.f1']['mean']:.3f} ± "
+         f"{fl[f'per_class.{covid_name}.f1']['std']:.3f}."),
+        "",
+        "| does FLANNEL (focal) beat … | metric | FLANNEL | other | difference | fold models won | verdict |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for label, comp in res["claims"]["comparisons"].items():
+        for c in comp:
+            metric = "macro-F1" if c["metric"] == "macro_f1" else f"{covid_name} F1"
+            lines.append(f"| {label} | {metric} | {c['flannel']:.3f} ± {c['flannel_std']:.3f} | "
+                         f"{c['other']:.3f} ± {c['other_std']:.3f} | {c['difference']:+.3f} | "
+                         f"{c['fold_models_won']}/{c['fold_models_compared']} | {c['verdict']} |")
+    lines += [
+        "",
+        (f"The best single patch learner `{best}` was chosen on out-of-fold macro-F1 "
+         f"({rows[best]['oof_macro_f1']:.3f}). For context only (a selection on the test set): the single patch "
+         f"learner with the highest test macro-F1 is `{best_test}` "
+         f"({rows[best_test]['summary']['macro_f1']['mean']:.3f})."),
+        "",
+        ("A verdict is 'yes' only when the mean difference exceeds the larger std and FLANNEL wins on every fold "
+         "model; 'within the spread' means the difference is smaller than the variation over fold models/seeds."),
+        "",
+        "## Learned learner weights (FLANNEL (focal), test images, all fold models × seeds)",
+        "",
+        "| learner | mean w | std | fraction < 0 |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, st in res["flannel_weights"]["per_learner"].items():
+        lines.append(f"| {name} | {st['mean']:+.3f} | {st['std']:.3f} | {st['fraction_negative']:.2f} |")
+    lines += ["", "## Source-confound check", "",
+              ("When COVID images come (almost) only from adult sources and most non-COVID images from the "
+               "pediatric Kaggle set (numbers below), a model can look good by recognising the source. Test images "
+               "that are adult and not COVID show whether it does: how many of them are called COVID "
+               "(mean-of-fold-model prediction; FLANNEL: the saved first-seed model)."), ""]
+    train_mix = res["source_confound"]["training_data"]
+    if train_mix["adult_images"] and math.isfinite(train_mix["covid_adult_fraction"]):
+        lines.append(f"In the ensemble's out-of-fold data, {train_mix['adult_covid_fraction']:.0%} of the "
+                     f"{train_mix['adult_images']} adult-source images are COVID and "
+                     f"{train_mix['covid_adult_fraction']:.0%} of the COVID images are adult.")
+    else:
+        lines.append("The out-of-fold data have no adult-source images or no COVID images (or no recorded sources).")
+    lines.append("")
+    lines.append("| model | adult non-COVID called COVID | 95% CI | pediatric non-COVID called COVID | verdict |")
+    lines.append("|---|---:|---|---:|---|")
+    for name, sc in res["source_confound"]["models"].items():
+        a, p = sc["adult_non_covid"], sc["pediatric_non_covid"]
+        frac = f"{a['predicted_covid']}/{a['n']}" + (f" = {a['fraction']:.2f}" if a["n"] else "")
+        ci = f"{a['ci95'][0]:.2f}–{a['ci95'][1]:.2f}" if a["n"] else "–"
+        pfrac = f"{p['predicted_covid']}/{p['n']}" + (f" = {p['fraction']:.2f}" if p["n"] else "")
+        lines.append(f"| {name} | {frac} | {ci} | {pfrac} | {sc['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- writing helpers
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    # A file object: given a path, np.savez would append ".npz" to the temp name.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _weight_stats(ws: list[np.ndarray], names: list[str]) -> dict[str, Any]:
+    w = np.concatenate(ws, axis=0)  # (evaluations·t, N)
+    return {"n": int(w.shape[0]), "per_learner": {
+        n: {"mean": float(w[:, i].mean()), "std": float(w[:, i].std()), "min": float(w[:, i].min()),
+            "max": float(w[:, i].max()), "fraction_negative": float((w[:, i] < 0).mean())}
+        for i, n in enumerate(names)}}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_ensemble(
+    cfg: Mapping[str, Any] | None,
+    run_dirs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    track: Track | None = None,
+) -> dict[str, Any]:
+    """Train FLANNEL and its baselines on out-of-fold votes; evaluate on test votes; write the report.
+
+    Args:
+        cfg: hyper-parameters (missing keys from :data:`DEFAULTS`).
+        run_dirs: ``train-patch`` run folders holding ``<learner>/oof.npz`` and ``test.npz``.
+        out_dir: output folder (see the module docstring); files are overwritten atomically.
+        track: ``track(iterable, description, total)`` progress wrapper, e.g. the CLI's.
+
+    Returns:
+        The content of ``results.json``.
+    """
+    cfg = resolve_config(cfg)
+    track = track or _no_track
+    device = torch.device(device)
+    out = Path(out_dir)
+    cfg["runs"] = [str(Path(r).resolve()) for r in run_dirs]
+    lset, oof, test = load_votes(run_dirs, cfg["learners"], cfg["distribution"])
+    lowered = [c.lower() for c in lset.classes]
+    if POSITIVE not in lowered:
+        raise ValueError(f"the vote files' classes {lset.classes} have no {POSITIVE!r} class")
+    covid = lowered.index(POSITIVE)
+    if not lset.indices(global_=False):
+        raise ValueError(f"no patch learners among {lset.names}: FLANNEL needs at least one")
+    warnings: list[str] = []
+    shared = set(oof.patients.tolist()) & set(test.patients.tolist())
+    if shared:
+        warnings.append(f"{len(shared)} patients have images in both the out-of-fold and the test set "
+                        f"(e.g. {min(shared)!r}): the test set is not patient-disjoint")
+        logger.warning("%s", warnings[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+
+    # ---- ensemble-train / validation split of the OOF images, grouped by patient
+    tr, va = inner_validation(list(range(len(oof.ids))), oof.y, oof.patients, cfg["val_frac"], cfg["seed"])
+    check_grouped({"test": va, "folds": [tr]}, oof.patients)
+    write_json(out / "split.json", {"grouped_by": "patient_id", "seed": cfg["seed"], "val_frac": cfg["val_frac"],
+                                    "train": oof.ids[tr].tolist(), "val": oof.ids[va].tolist()})
+    alpha = class_balanced_alpha(oof.y[tr], len(lset.classes))
+    rows = _rows(lset, cfg, alpha)
+
+    # ---- phase 1: train every combiner on out-of-fold votes only
+    trainable = [r for r in rows if r.trainable]
+    for row in track(trainable, "ensemble: training combiners", len(trainable)):
+        _train(row, oof.P[tr], oof.y[tr], oof.P[va], oof.y[va], cfg, device)
+
+    # ---- phase 2: evaluate on the test votes (fold model f × seed)
+    ev = _Evaluation()
+    for row in track(rows, "ensemble: evaluating on test", len(rows)):
+        ev.rows.append(_evaluate_row(row, lset, oof, test, device, ev))
+
+    results = _results(cfg, lset, oof, test, tr, va, alpha, rows, ev, covid, warnings)
+    _write_outputs(out, results, lset, test, rows, ev)
+    f1 = {r["key"]: r["summary"]["macro_f1"] for r in results["rows"]}
+    logger.info("ensemble: FLANNEL (focal) macro-F1 %.3f ± %.3f (best single %s %.3f, soft voting %.3f); wrote %s",
+                f1["flannel_focal"]["mean"], f1["flannel_focal"]["std"], results["claims"]["best_single_learner"],
+                f1[results["claims"]["best_single_key"]]["mean"], f1["soft_voting"]["mean"], out)
+    return results
+
+
+@dataclass
+class _Evaluation:
+    """Test-set outputs collected while evaluating the rows."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    mean_proba: dict[str, np.ndarray] = field(default_factory=dict)  # row key → (t,M), mean of fold models, 1st seed
+    flannel_ws: list[np.ndarray] = field(default_factory=list)  # FLANNEL (focal) (t,N) per seed × fold model
+    flannel_w_mean: np.ndarray | None = None  # (t,N) on the mean of fold models, first seed
+
+
+def _evaluate_row(row: _Row, lset: LearnerSet, oof: Votes, test: Votes, device: torch.device,
+                  ev: _Evaluation) -> dict[str, Any]:
+    """Reports of one row on every fold model's test votes × seed, and on their mean."""
+    classes = lset.classes
+    fits: list[FitResult | None] = list(row.fits) if row.trainable else [None]
+    seeds: list[int | None] = list(row.seeds) if row.trainable else [None]
+    P_mean = test.P.mean(axis=1)  # (t,N,M)
+    evals, mean_reports = [], []
+    for fit, seed in zip(fits, seeds, strict=True):
+        for f in range(test.P.shape[1]):
+            proba, w = _predict(row, test.P[:, f], fit, device)
+            evals.append({"fold_model": f, "seed": seed,
+                          "report": classification_report_dict(test.y, proba, classes, positive=POSITIVE)})
+            if row.key == "flannel_focal" and w is not None:
+                ev.flannel_ws.append(w)
+        proba, w = _predict(row, P_mean, fit, device)
+        mean_reports.append({"seed": seed,
+                             "report": classification_report_dict(test.y, proba, classes, positive=POSITIVE)})
+        if seed == seeds[0]:
+            ev.mean_proba[row.key] = proba
+            if row.key == "flannel_focal":
+                ev.flannel_w_mean = w
+    entry: dict[str, Any] = {
+        "name": row.name, "key": row.key, "learners": [lset.names[i] for i in row.learners],
+        "trainable": row.trainable, "group": "global" if _is_global(lset.names[row.learners[0]]) else "patch",
+        "n_evaluations": len(evals),
+        "summary": summarise([e["report"] for e in evals]),
+        "evaluations": evals,
+        "test_mean_of_fold_models": {"summary": summarise([r["report"] for r in mean_reports]),
+                                     "reports": mean_reports},
+    }
+    if row.trainable:
+        entry["fit"] = [{"seed": s, "best_epoch": r.best_epoch, "best_val_macro_f1": r.best_val_macro_f1,
+                         "best_val_loss": r.best_val_loss, "stopped_early": r.stopped_early,
+                         "epochs_run": len(r.history.get("epoch", [])),
+                         "class_weights": None if r.class_weights is None else r.class_weights.tolist()}
+                        for s, r in zip(row.seeds, row.fits, strict=True)]
+    else:
+        # For choosing the best single learner without looking at the test set.
+        oof_proba, _ = _predict(row, oof.P, None, device)
+        entry["oof_macro_f1"] = classification_report_dict(oof.y, oof_proba, classes, positive=None)["macro_f1"]
+    return entry
+
+
+def _results(cfg: dict[str, Any], lset: LearnerSet, oof: Votes, test: Votes, tr: list[int], va: list[int],
+             alpha: Tensor, rows: list[_Row], ev: _Evaluation, covid: int, warnings: list[str]) -> dict[str, Any]:
+    """Everything that goes into results.json."""
+    classes, covid_name, n_folds = lset.classes, lset.classes[covid], test.P.shape[1]
+    by_key = {r["key"]: r for r in ev.rows}
+    singles = [r for r in ev.rows if not r["trainable"] and r["group"] == "patch" and len(r["learners"]) == 1
+               and r["key"] not in ("soft_voting", "hard_voting")]
+    best = max(singles, key=lambda r: r["oof_macro_f1"])
+    best_test = max(singles, key=lambda r: r["summary"]["macro_f1"]["mean"])
+    fl = by_key["flannel_focal"]
+    metrics = ("macro_f1", f"per_class.{covid_name}.f1")
+    others = {f"(a) best single patch learner `{best['name']}`": best, "(b) soft voting": by_key["soft_voting"],
+              "(c) FLANNEL (CE)": by_key["flannel_ce"]}
+    claims = {"best_single_learner": best["name"], "best_single_key": best["key"],
+              "best_single_selected_on": "out-of-fold macro-F1",
+              "best_single_on_test_context_only": best_test["name"],
+              "comparisons": {label: [_compare(fl, other, k, n_folds) for k in metrics]
+                              for label, other in others.items()}}
+
+    adult_oof = np.array([bool(s.strip()) and not _is_pediatric(s) for s in oof.sources])
+    covid_oof = oof.y == covid
+    confound = {
+        "definition": "adult = non-empty source not containing 'kaggle' or 'pediatric'; non-COVID = label != covid; "
+                      "predictions from the mean over fold models (FLANNEL: its first seed, the saved model)",
+        "min_n_to_conclude": MIN_CONFOUND_N,
+        "training_data": {"adult_images": int(adult_oof.sum()),
+                          "adult_covid_fraction": float(covid_oof[adult_oof].mean()) if adult_oof.any() else math.nan,
+                          "covid_adult_fraction": float(adult_oof[covid_oof].mean()) if covid_oof.any() else math.nan},
+        "models": {r["name"]: source_confound(ev.mean_proba[r["key"]].argmax(1), test.y, test.sources, covid)
+                   for r in (fl, best)},
+    }
+    fl_seeds = next(r for r in rows if r.key == "flannel_focal").seeds
+    patch_names = [lset.names[i] for i in lset.indices(global_=False)]
+    per_seed = {str(s): np.concatenate(ev.flannel_ws[i * n_folds:(i + 1) * n_folds]).mean(axis=0).tolist()
+                for i, s in enumerate(fl_seeds)}
+    return {
+        "config": cfg,
+        "classes": classes,
+        "positive": covid_name,
+        "learners": lset.names,
+        "patch_learners": patch_names,
+        "global_learners": [lset.names[i] for i in lset.indices(global_=True)],
+        "learner_folders": {n: str(p) for n, p in lset.folders.items()},
+        "k": lset.k,
+        "distribution": lset.distribution,
+        "n_fold_models": n_folds,
+        "n_images": {"oof": len(oof.ids), "ensemble_train": len(tr), "ensemble_val": len(va), "test": len(test.ids),
+                     "oof_per_class": {c: int((oof.y == i).sum()) for i, c in enumerate(classes)},
+                     "test_per_class": {c: int((test.y == i).sum()) for i, c in enumerate(classes)}},
+        "alpha": alpha.tolist(),
+        "row_order": [r["name"] for r in ev.rows],
+        "rows": ev.rows,
+        "flannel_weights": {**_weight_stats(ev.flannel_ws, patch_names), "per_seed_mean": per_seed},
+        "claims": claims,
+        "source_confound": confound,
+        "warnings": warnings,
+    }
+
+
+def _write_outputs(out: Path, results: dict[str, Any], lset: LearnerSet, test: Votes, rows: list[_Row],
+                   ev: _Evaluation) -> None:
+    """table.md, results.json/csv, claims.md, predictions_test.npz, flannel.safetensors/json, plots."""
+    cfg, classes, covid_name = results["config"], results["classes"], results["positive"]
+    n_folds = results["n_fold_models"]
+    by_key = {r["key"]: r for r in results["rows"]}
+    fl, best = by_key["flannel_focal"], by_key[results["claims"]["best_single_key"]]
+    best_test = next(r for r in ev.rows if r["name"] == results["claims"]["best_single_on_test_context_only"])
+    fl_row = next(r for r in rows if r.key == "flannel_focal")
+    patch_names = results["patch_learners"]
+
+    table = format_table({r["name"]: r["summary"] for r in ev.rows}, classes, positive=covid_name)
+    caption = (f"\nHeld-out test set ({len(test.ids)} images): mean (std) over {n_folds} fold models × "
+               f"{cfg['seeds']} seeds for trained rows, over {n_folds} fold models otherwise. Learners: "
+               f"{', '.join(lset.names)}; {lset.distribution} distributions; K = "
+               f"{', '.join(f'{n}: {k}' for n, k in lset.k.items())} patches per image.\n")
+    _write_text(out / "table.md", table + caption)
+    write_json(out / "results.json", results)
+    write_csv(out / "results.csv", [{"model": r["name"], "key": r["key"], "metric": k, "mean": v["mean"],
+                                     "std": v["std"], "n": v["n"]}
+                                    for r in ev.rows for k, v in r["summary"].items()])
+    _write_text(out / "claims.md", _claims_md(results, fl["name"], best["name"], best_test["name"], covid_name))
+    _write_npz(out / "predictions_test.npz", ids=test.ids, y=test.y, sources=test.sources,
+               classes=np.array(classes), learners=np.array(lset.names), P_mean_of_fold_models=test.P.mean(axis=1),
+               row_keys=np.array([r["key"] for r in ev.rows]), row_names=np.array([r["name"] for r in ev.rows]),
+               flannel_focal_weights=ev.flannel_w_mean if ev.flannel_w_mean is not None else np.zeros((0,)),
+               **{f"proba_{k}": v for k, v in ev.mean_proba.items()})
+
+    ks = sorted({lset.k[n] for n in patch_names})
+    sidecar = {
+        "task": "flannel_ensemble", "learners": patch_names, "classes": classes, "distribution": lset.distribution,
+        "k": ks[0] if len(ks) == 1 else {n: lset.k[n] for n in patch_names},
+        "n_learners": len(patch_names), "n_classes": len(classes), "hidden": cfg["hidden"], "gamma": cfg["gamma"],
+        "alpha": results["alpha"], "source_runs": cfg["runs"], "seed": fl_row.seeds[0],
+        "best_epoch": fl_row.fits[0].best_epoch, "val_macro_f1": fl_row.fits[0].best_val_macro_f1,
+        "test_macro_f1": fl["summary"]["macro_f1"],
+        "test_macro_f1_this_model_mean_of_fold_models":
+            fl["test_mean_of_fold_models"]["reports"][0]["report"]["macro_f1"],
+        "input": "P: (B, n_learners, n_classes) per-learner class distributions, learners in the order above; "
+                 "output softmax(z) with (z, w) = model(P)",
+        "training_data": {k: results["n_images"][k] for k in ("oof", "ensemble_train", "ensemble_val")},
+    }
+    save_weights(fl_row.fits[0].model, out / "flannel", sidecar)
+    _plots(out, results, ev.mean_proba, test.y, classes, covid_name, best, ev.flannel_w_mean, patch_names, fl_row)
+
+
+def _plots(out: Path, results: dict[str, Any], mean_proba: dict[str, np.ndarray], y: np.ndarray,
+           classes: list[str], covid_name: str, best: dict[str, Any], w: np.ndarray | None,
+           patch_names: list[str], fl_row: _Row) -> None:
+    from .plots import plot_confusion, plot_roc_pr, plot_training_history, plot_weight_distribution
+
+    by_key = {r["key"]: r for r in results["rows"]}
+    fl = by_key["flannel_focal"]
+
+    def cm(key: str) -> np.ndarray:
+        return np.array(by_key[key]["test_mean_of_fold_models"]["reports"][0]["report"]["confusion_matrix"])
+
+    jobs: list[tuple[str, Callable[[], Any]]] = [
+        ("confusion_flannel_focal.png", lambda: plot_confusion(
+            cm("flannel_focal"), classes, out / "confusion_flannel_focal.png",
+            title=f"{fl['name']}: test (mean of fold models, seed {fl_row.seeds[0]})")),
+        ("confusion_best_single.png", lambda: plot_confusion(
+            cm(best["key"]), classes, out / "confusion_best_single.png",
+            title=f"best single learner {best['name']}: test (mean of fold models)")),
+        ("roc_pr_covid.png", lambda: plot_roc_pr(
+            y, {fl["name"]: mean_proba["flannel_focal"], "soft voting": mean_proba["soft_voting"],
+                best["name"]: mean_proba[best["key"]], "FLANNEL (CE)": mean_proba["flannel_ce"]},
+            classes, covid_name, out / "roc_pr_covid.png", title="test set, mean of fold models")),
+        ("history_flannel_focal.png", lambda: plot_training_history(
+            fl_row.fits[0].history, out / "history_flannel_focal.png", best_epoch=fl_row.fits[0].best_epoch,
+            title=f"{fl['name']}, seed {fl_row.seeds[0]}")),
+    ]
+    if w is not None:
+        jobs.append(("weights_flannel_focal.png", lambda: plot_weight_distribution(
+            w, patch_names, out / "weights_flannel_focal.png", title="FLANNEL (focal) weights, test")))
+    for name, job in jobs:
+        try:
+            job()
+        except Exception as exc:  # noqa: BLE001 — a figure must never lose the numbers already written
+            logger.warning("plot %s failed: %s", name, exc)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_flannel(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[FlannelWeights, dict[str, Any]]:
+    """Rebuild a saved FLANNEL weight module (eval mode) and its sidecar.
+
+    ``path``: ``OUT/flannel`` or ``OUT/flannel.safetensors``. Use it as
+    ``z, w = model(P)`` with ``P: (B, n_learners, n_classes)`` float32 in the
+    sidecar's learner order; the prediction is ``softmax(z)``.
+    """
+    state, sidecar = load_weights(path, device=device)
+    if sidecar.get("task") != "flannel_ensemble":
+        raise ValueError(f"{path}: sidecar task is {sidecar.get('task')!r}, not 'flannel_ensemble'")
+    model = FlannelWeights(int(sidecar["n_learners"]), int(sidecar["n_classes"]), sidecar.get("hidden"))
+    model.load_state_dict(state)
+    return model.to(device).eval(), sidecar
