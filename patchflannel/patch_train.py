@@ -193,6 +193,12 @@ def train_fold(name: str, mode: str, data: CxrData, train_idx: list[int], val_id
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     model = create_learner(name, num_classes=len(CLASSES), in_chans=1, pretrained=cfg.get("pretrained") or False).to(device)
+    if cfg.get("bn_momentum") is not None:
+        # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for long ImageNet runs; with a few
+        # hundred steps from scratch its running statistics lag and eval-mode predictions collapse.
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.momentum = float(cfg["bn_momentum"])
     opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight_decay", 0.0)))
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=int(cfg.get("lr_patience", 3)))
     maker = make_input_maker(data, mode, cfg, device)
@@ -269,9 +275,13 @@ def run_learner(spec: str, data: CxrData, split: dict[str, Any], cfg: dict[str, 
     """Train ``spec`` (``name`` or ``global-name``) on every fold; write votes and metrics."""
     from .metrics import classification_report_dict, summarise
 
+    import yaml
+
     mode, name = ("global", spec[len("global-"):]) if spec.startswith("global-") else ("patch", spec)
     ldir = run_dir / spec
     ldir.mkdir(parents=True, exist_ok=True)
+    # Per learner too: several train-patch processes may share one run folder.
+    atomic_write_text(ldir / "config.yaml", yaml.safe_dump({**cfg, "learner": spec}, sort_keys=False))
     folds: list[list[int]] = split["folds_idx"]
     test_idx: list[int] = split["test_idx"]
     n_classes = len(CLASSES)
