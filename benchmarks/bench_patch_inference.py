@@ -2,19 +2,31 @@
 
 One run times, for the same learner, K, patch size and learner input:
 
-(a) ``batched`` — the project's path. Images are already decoded (uint8
-    ``(N,1,1024,1024)``) and lung masks already in memory, as in the training
-    cache. Per batch of B images: move the images/masks to the device (a no-op
-    on CPU, as ``patch_train.InputMaker`` does), ``sample_patches`` (K centres
-    per image, one gather, image zeroed outside the lungs), uint8 → float,
-    area-downsample 224 → learner input, ``predict_distribution`` (chunked
-    forward) and ``vote``; the votes are copied to the CPU.
+(a) ``batched`` — the project's path, making the learner inputs exactly as
+    ``Pipeline.predict`` and ``patch_train.InputMaker`` do. Images are already
+    decoded (uint8 ``(N,1,1024,1024)``) and lung masks already in memory, as in
+    the training cache. Per batch of B images: move the images/masks to the
+    device (a no-op on CPU); shrink them ONCE by the integer factor
+    ``patch_size / learner_input`` (224 / 112 = 2 by default) with
+    ``patch_train.downscale`` (area average of the uint8 image, rounded; a
+    mask pixel stays lung when at least half its block is); ``sample_patches``
+    with ``size=learner_input`` on the shrunk images (K in-lung centres per
+    image, one gather, image zeroed outside the shrunk lungs) — the field of
+    view of a 224 crop at 1024², at the learner's resolution; uint8 crops →
+    ``.float().div_(255)``; ``predict_distribution`` (chunked forward) and
+    ``vote``; the votes are copied to the CPU. There is no per-crop
+    interpolation. The ``downscale`` call is inside the timed region, once per
+    batch, because ``Pipeline.predict`` shrinks the images of every call, so
+    at prediction time it is a per-image cost (training's ``InputMaker``
+    shrinks its whole cache once, up front, and does not pay it per step).
+    ``--learner-input 224`` means factor 1: no shrink, crops of 224 at 1024².
 (b) ``reference`` — a reimplementation of the reference method's loop: for each
     of K passes, for each image, decode the image file (``read_image``), resize
     it to 1024², read the SCR mask files and resize them to 1024² (both via
     ``load_case``), ``np.nonzero`` the mask, pick one centre, crop one padded
-    224 patch, resize it to the learner input, forward it with batch size 1 and
-    keep the logits; then a per-image vote. It is slow, so it runs on
+    224 patch at 1024², area-resize it to the learner input (the reference has
+    no shrunk image to crop from), forward it with batch size 1 and keep the
+    logits; then a per-image vote. It is slow, so it runs on
     ``--ref-images`` × ``--ref-k`` patches and is *extrapolated* linearly per
     image·patch (every step of the loop is per patch) to the full images × K;
     the CSV marks such rows ``extrapolated=True``.
@@ -36,8 +48,8 @@ One run times, for the same learner, K, patch size and learner input:
 
 (a) and (c) are timed interleaved (a, c, a, c, …) after a warm-up, and the
 median of ``--repeats`` is reported. ratio_a_over_c = time a / time c: the
-design target is <= 1.05 (sampling, cropping, downsampling and voting cost a
-few percent of the forward). speedup_a_vs_b = time b / time a for the same
+design target is <= 1.05 (shrinking, sampling, cropping, uint8 → float and
+voting cost a few percent of the forward). speedup_a_vs_b = time b / time a for the same
 images × K: target >= 10.
 
 Weights: random init by default (timing does not depend on the values);
@@ -59,7 +71,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,6 +79,7 @@ import common
 
 from patchflannel.io import resize, to_uint8
 from patchflannel.learners import create_learner, list_learners
+from patchflannel.patch_train import downscale, patch_scale
 from patchflannel.sampler import sample_patches
 from patchflannel.segment import WORK_SIZE, JsrtCase, load_case
 from patchflannel.vote import predict_distribution, vote
@@ -82,7 +94,7 @@ GOAL_SPEEDUP = 10.0
 COLUMNS = [
     "path", "batch_size", "images", "k", "patches", "seconds", "images_per_s", "patches_per_s",
     "ratio_a_over_c", "speedup_a_vs_b", "extrapolated", "repeats", "seconds_min",
-    "learner", "learner_input", "patch_size", "chunk_size", "mask_outside", "amp", "ref_centres",
+    "learner", "learner_input", "patch_size", "shrink_factor", "chunk_size", "mask_outside", "amp", "ref_centres",
     "device", "device_name", "cpu_count", "threads", "torch", "torchvision", "python", "note",
 ]
 TABLE_COLUMNS = ["path", "batch_size", "images", "k", "patches", "seconds", "images_per_s", "patches_per_s",
@@ -98,7 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="images per batch in paths a and c")
     p.add_argument("--learner", default="mobilenet_v3_small", help=f"one of: {', '.join(list_learners())}")
     p.add_argument("--learner-input", type=int, default=None,
-                   help=f"crops are area-downsampled to this side before the learner; {PATCH_SIZE} = no downsampling "
+                   help=f"learner input side, a divisor of {PATCH_SIZE}: images are shrunk once by {PATCH_SIZE}/side and "
+                        f"crops of this side taken there; {PATCH_SIZE} = no shrink "
                         f"(default: the --weights sidecar's value, else {DEFAULT_LEARNER_INPUT} as configs/patch_cpu.yaml)")
     p.add_argument("--weights", type=Path, default=None, help="learner .safetensors (+ .json) from train-patch; default random init")
     p.add_argument("--chunk-size", type=int, default=256, help="crops per forward (predict_distribution's chunk_size)")
@@ -123,8 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--batch-sizes must be >= 1")
     if max(args.batch_sizes) > args.images:
         p.error(f"--batch-sizes {max(args.batch_sizes)} is larger than --images {args.images}")
-    if args.learner_input is not None and not 1 <= args.learner_input <= PATCH_SIZE:
-        p.error(f"--learner-input must be in 1..{PATCH_SIZE}")
+    if args.learner_input is not None and not (1 <= args.learner_input <= PATCH_SIZE and PATCH_SIZE % args.learner_input == 0):
+        p.error(f"--learner-input must divide {PATCH_SIZE} (e.g. 224, 112, 56), got {args.learner_input}")
     return args
 
 
@@ -158,6 +171,10 @@ def build_learner(args: argparse.Namespace, device: torch.device) -> tuple[nn.Mo
         side, source = int(sidecar_input), f"from {args.weights}"
     else:
         side, source = DEFAULT_LEARNER_INPUT, "default, as configs/patch_cpu.yaml learner_input"
+    try:
+        patch_scale(PATCH_SIZE, side)
+    except ValueError as exc:
+        raise SystemExit(f"error: learner input {side} ({source}): {exc}") from None
     return model.to(device).eval(), name, side, source
 
 
@@ -190,20 +207,23 @@ class BatchedPath:
     device: torch.device
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.factor = patch_scale(PATCH_SIZE, self.learner_input)  # 1 for learner_input 224: no shrink
+
+    def make_inputs(self, imgs: Tensor, msk: Tensor, gen: torch.Generator) -> Tensor:
+        """One batch's learner inputs ``(B,K,1,s,s)`` float [0,1], s = learner input, as ``Pipeline.predict``:
+        shrink once by the integer factor, crop at the learner's size there, uint8 → float."""
+        imgs, msk = downscale(imgs, msk, self.factor)
+        crops, _ = sample_patches(imgs, msk, self.k, size=self.learner_input, generator=gen, mask_outside=self.mask_outside)
+        return crops.float().div_(255.0)
+
     def __call__(self) -> list[tuple[Tensor, Tensor]]:
         gen = torch.Generator().manual_seed(self.seed)
         out = []
         for start in range(0, self.images.shape[0], self.batch_size):
             imgs = self.images[start:start + self.batch_size].to(self.device)
             msk = self.masks[start:start + self.batch_size].to(self.device)
-            crops, _ = sample_patches(imgs, msk, self.k, size=PATCH_SIZE, generator=gen, mask_outside=self.mask_outside)
-            if self.learner_input != PATCH_SIZE:
-                b = crops.shape[0]
-                side = self.learner_input
-                x = F.interpolate(crops.flatten(0, 1).float().div_(255.0), size=(side, side), mode="area")
-                x = x.view(b, self.k, 1, side, side)
-            else:
-                x = crops  # uint8: predict_distribution converts chunk by chunk
+            x = self.make_inputs(imgs, msk, gen)  # downscale timed here, per batch (predict does it per call)
             hard, soft = vote(predict_distribution(self.model, x, chunk_size=self.chunk_size, amp=self.amp))
             out.append((hard.cpu(), soft.cpu()))
         return out
@@ -322,16 +342,19 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
     cases = common.find_jsrt_or_exit(args.data, max(args.images, args.ref_images))
     model, learner, side, side_source = build_learner(args, device)
     info = common.machine_info(device)
+    factor = PATCH_SIZE // side
+    shrink = f"images shrunk ×{factor} once, then {side}px crops" if factor > 1 else f"no shrink: {side}px crops at 1024²"
     print(f"patch inference benchmark — {info['device']} ({info['device_name']}), {info['threads']} threads, "
           f"torch {info['torch']}, torchvision {info['torchvision']}")
     print(f"learner={learner} ({'weights ' + str(args.weights) if args.weights else 'random init'}), "
-          f"learner_input={side} ({side_source}), patch_size={PATCH_SIZE}, K={args.k}, images={args.images}, "
+          f"learner_input={side} ({side_source}), patch_size={PATCH_SIZE} ({shrink}), K={args.k}, images={args.images}, "
           f"batch sizes={args.batch_sizes}, chunk_size={args.chunk_size}, mask_outside={args.mask_outside}, amp={args.amp}, "
           f"warmup={args.warmup}, repeats={args.repeats}, data={args.data}")
 
     images, masks = load_decoded(cases[:args.images])
     n_patches = args.images * args.k
-    base = {"learner": learner, "learner_input": side, "patch_size": PATCH_SIZE, "chunk_size": args.chunk_size,
+    base = {"learner": learner, "learner_input": side, "patch_size": PATCH_SIZE, "shrink_factor": factor,
+            "chunk_size": args.chunk_size,
             "mask_outside": args.mask_outside, "amp": args.amp, **info}
 
     # (b) first: it decides the speed-up of every (a) row.
@@ -367,8 +390,9 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
         rows.append({"path": "a_batched", "batch_size": b, "images": args.images, "k": args.k, "patches": n_patches,
                      "seconds": ta, "ratio_a_over_c": ta / tc, "speedup_a_vs_b": ref_full_seconds / ta,
                      "extrapolated": False, "repeats": timing["a"].repeats, "seconds_min": timing["a"].min,
-                     "note": "decoded uint8 images + masks in memory; sample_patches + downsample + "
-                             "predict_distribution + vote; speedup vs the extrapolated b row"})
+                     "note": f"decoded uint8 images + masks in memory; per batch: downscale x{factor} "
+                             f"(timed) + sample_patches {side}px + float/255 + predict_distribution + vote; "
+                             "speedup vs the extrapolated b row"})
         rows.append({"path": "c_forward", "batch_size": b, "images": args.images, "k": args.k, "patches": n_patches,
                      "seconds": tc, "extrapolated": False, "repeats": timing["c"].repeats, "seconds_min": timing["c"].min,
                      "note": "bare learner forward on pre-made random crops, same chunks as a"})

@@ -1,7 +1,8 @@
 """Shared helpers for the benchmark scripts in this folder.
 
 * where things are: the repository root, the default JSRT folder
-  (``../shared/data/jsrt`` beside the repository, or ``$PATCHFLANNEL_DATA/jsrt``)
+  (``../shared/data/jsrt`` beside the repository, or ``$PATCHFLANNEL_DATA/jsrt``),
+  the default labelled CXR folder (``…/cxr``, used by ``bench_predict.py``)
   and the results folder;
 * the CSV record: named by benchmark, device and library versions
   (``benchmarks/results/<name>_<device>_torch<ver>_tv<ver>.csv``) and written
@@ -51,6 +52,11 @@ def default_data_root() -> Path:
 def default_jsrt_dir() -> Path:
     """The JSRT images + SCR lung masks folder used by default."""
     return default_data_root() / "jsrt"
+
+
+def default_cxr_dir() -> Path:
+    """The labelled chest X-ray folder (``metadata.csv`` + ``images/``) used by default."""
+    return default_data_root() / "cxr"
 
 
 def find_jsrt_or_exit(data: Path, n_images: int | None) -> list[Any]:
