@@ -58,7 +58,7 @@ def _user_errors() -> Iterator[None]:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]; completed outputs are kept (written atomically); training resumes with --resume")
+        console.print("[yellow]interrupted[/]; completed outputs are kept (written atomically); to continue, rerun the same command (train-seg: with --resume)")
         raise typer.Exit(130) from None
 
 
