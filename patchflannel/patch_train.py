@@ -182,13 +182,14 @@ def learner_sidecar(name: str, mode: str, cfg: dict[str, Any]) -> dict[str, Any]
 
 
 def train_fold(name: str, mode: str, data: CxrData, train_idx: list[int], val_idx: list[int], cfg: dict[str, Any],
-               out_dir: Path, device: torch.device, track: Track = _no_track) -> torch.nn.Module:
+               out_dir: Path, device: torch.device, track: Track = _no_track, label: str | None = None) -> torch.nn.Module:
     """Train one learner on ``train_idx``; early stopping on ``val_idx`` macro-F1.
 
     Resumes from ``out_dir/checkpoint.pt``; returns the best model (eval mode).
     """
     from .learners import create_learner
 
+    label = label or name  # what logs call it (e.g. global-NAME)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
@@ -217,7 +218,7 @@ def train_fold(name: str, mode: str, data: CxrData, train_idx: list[int], val_id
         sched.load_state_dict(ck["scheduler"])
         start, best, bad, history = ck["epoch"] + 1, ck["best"], ck["bad"], ck["history"]
         gen.set_state(ck["gen"])
-        log.info("%s %s: resumed at epoch %d (best val macro-F1 %.3f)", name, out_dir.name, start, best)
+        log.info("%s %s: resumed at epoch %d (best val macro-F1 %.3f)", label, out_dir.name, start, best)
     k_train = 1 if mode == "global" else int(cfg["patches_per_image"])
     per_step = max(1, int(cfg["batch_size"]) // k_train)
     epochs, patience = int(cfg["epochs"]), int(cfg["patience"])
@@ -233,7 +234,7 @@ def train_fold(name: str, mode: str, data: CxrData, train_idx: list[int], val_id
             order = np.asarray(train_idx)[torch.randperm(len(train_idx), generator=gen).numpy()]
         losses = []
         steps = range(0, len(order), per_step)
-        for s in track(steps, f"{name} {out_dir.name} epoch {epoch + 1}/{epochs}", len(steps)):
+        for s in track(steps, f"{label} {out_dir.name} epoch {epoch + 1}/{epochs}", len(steps)):
             idx = order[s:s + per_step]
             # Fresh random in-lung centres every step.
             x = maker.make(idx, k_train, gen).flatten(0, 1)
@@ -256,7 +257,7 @@ def train_fold(name: str, mode: str, data: CxrData, train_idx: list[int], val_id
             bad += 1
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": f1,
                         "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0})
-        log.info("%s %s epoch %d: loss %.3f, val macro-F1 %.3f%s (%.0fs)", name, out_dir.name, epoch + 1,
+        log.info("%s %s epoch %d: loss %.3f, val macro-F1 %.3f%s (%.0fs)", label, out_dir.name, epoch + 1,
                  history[-1]["train_loss"], f1, " *" if improved else "", history[-1]["seconds"])
         _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                             "epoch": epoch, "best": best, "bad": bad, "history": history, "gen": gen.get_state()}, ckpt)
@@ -304,7 +305,8 @@ def run_learner(spec: str, data: CxrData, split: dict[str, Any], cfg: dict[str, 
         else:
             train_all = [i for g, fi in enumerate(folds) if g != f for i in fi]
             tr, va = inner_validation(train_all, data.labels, data.patients, float(cfg["val_frac"]), int(cfg["seed"]) + f)
-            model = train_fold(name, mode, data, tr, va, {**cfg, "seed": int(cfg["seed"]) + 100 * f}, fdir, device, track)
+            model = train_fold(name, mode, data, tr, va, {**cfg, "seed": int(cfg["seed"]) + 100 * f}, fdir, device, track,
+                               label=spec)
             if maker is None:
                 maker = make_input_maker(data, mode, cfg, device)
             vs = int(cfg["seed"]) + 7
