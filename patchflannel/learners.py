@@ -141,6 +141,8 @@ LEARNERS: dict[str, LearnerSpec] = {
         _spec("shufflenet_v2_x1_0", "shufflenet", tvm.ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1, "fc", light=True),
         _spec("regnet_x_400mf", "regnet", tvm.RegNet_X_400MF_Weights.IMAGENET1K_V2, "fc", light=True),
         _spec("squeezenet1_1", "squeezenet", tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1, "classifier.1", light=True),
+        _spec("mnasnet0_5", "mnasnet", tvm.MNASNet0_5_Weights.IMAGENET1K_V1, "classifier.1", light=True),
+        _spec("shufflenet_v2_x0_5", "shufflenet", tvm.ShuffleNet_V2_X0_5_Weights.IMAGENET1K_V1, "fc", light=True),
     )
 }
 
@@ -370,6 +372,10 @@ def create_learner(
     # weights=None always: torchvision would otherwise download, and we load
     # the state dict ourselves so the head can be skipped by shape.
     backbone = spec.builder(weights=None, num_classes=num_classes, **builder_kwargs)
+    if spec.family == "squeezenet":
+        # SqueezeNet ends in Conv → ReLU → pool, so its logits are clipped at 0; trained from random
+        # init on 4 classes every unit died within an epoch here (loss stuck at ln 4). Logits must be free.
+        backbone.classifier[2] = nn.Identity()
     if state is not None:
         load_backbone_state_dict(backbone, state, spec, source)
     return Learner(backbone, spec, num_classes=num_classes, in_chans=in_chans)

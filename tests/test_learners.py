@@ -278,3 +278,13 @@ def test_learner_is_a_module_with_spec() -> None:
     assert model.num_classes == 3 and model.in_chans == 1
     # mean/std are constants of the input contract, not saved weights.
     assert all(k.startswith("backbone.") for k in model.state_dict())
+
+
+def test_squeezenet_logits_are_not_clipped_at_zero() -> None:
+    from patchflannel.learners import create_learner
+
+    torch.manual_seed(0)
+    m = create_learner("squeezenet1_1", num_classes=4).eval()
+    with torch.no_grad():
+        out = m(torch.rand(4, 1, 112, 112))
+    assert (out < 0).any(), "a final ReLU would make every logit >= 0"
