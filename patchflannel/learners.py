@@ -28,7 +28,7 @@ import torchvision.models as tvm
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
-from .weights import WeightsNotFoundError
+from .weights import WeightsNotFoundError, load_state
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -297,7 +297,7 @@ def load_backbone_state_dict(backbone: nn.Module, state: Mapping[str, Tensor], s
         problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:5]}")
     if problems:
         raise ValueError(f"{source} does not fit {spec.name}: " + "; ".join(problems))
-    backbone.load_state_dict(to_load, strict=False)
+    load_state(backbone, to_load, strict=False)  # keeps module versions (MNASNet needs them)
     if skipped_head:
         logger.info("%s: head %s skipped (class count differs); it keeps its fresh init", source, skipped_head)
     logger.info("loaded %d tensors into %s from %s", len(to_load), spec.name, source)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .cxr import CLASSES, CxrData, inner_validation
-from .weights import atomic_write_text, load_weights, save_weights, write_json
+from .weights import atomic_write_text, load_state, load_weights, save_weights, write_json
 
 log = logging.getLogger(__name__)
 Track = Callable[[Iterable[Any], str, int | None], Iterable[Any]]
@@ -264,7 +264,7 @@ def train_fold(name: str, mode: str, data: CxrData, train_idx: list[int], val_id
         keys = list(history[0])
         atomic_write_text(out_dir / "history.csv", "\n".join([",".join(keys)] + [",".join(f"{h[k]:.6g}" for k in keys) for h in history]) + "\n")
     state, _ = load_weights(out_dir / "best", device=device)
-    model.load_state_dict(state)
+    load_state(model, state)
     return model.eval()
 
 

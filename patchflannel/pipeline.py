@@ -28,7 +28,7 @@ from .cxr import CLASSES
 from .io import resize, to_uint8
 from .patch_train import downscale, patch_scale
 from .segment import DEFAULT_WEIGHTS, WORK_SIZE, LungSegmenter, postprocess
-from .weights import WEIGHTS_DIR, WeightsNotFoundError, load_weights, save_weights, write_json
+from .weights import WEIGHTS_DIR, WeightsNotFoundError, load_state, load_weights, save_weights, write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Pipeline:
             for f in files:
                 state, cfg = load_weights(f, device=device)
                 m = create_learner(cfg["learner"], num_classes=len(cfg["classes"]), in_chans=1, pretrained=False)
-                m.load_state_dict({k: v.float() for k, v in state.items()})
+                load_state(m, {k: v.float() for k, v in state.items()})
                 models.append(m.to(device).eval())
                 lcfg[name] = cfg
             learners[name] = models

@@ -92,6 +92,21 @@ def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: str | o
     return stem
 
 
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """``model.load_state_dict(state)`` for a state dict read from safetensors.
+
+    safetensors keeps tensors only, not the per-module ``_metadata`` (versions)
+    that ``state_dict()`` carries; some modules (torchvision's MNASNet) refuse
+    to load without it. The model's own metadata is the right one here.
+    """
+    state = dict(state)
+    meta = getattr(model.state_dict(), "_metadata", None)
+    if meta is not None:
+        state = type(model.state_dict())(state)
+        state._metadata = meta  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=strict)
+
+
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load ``(state_dict, config)`` from a safetensors file and its JSON sidecar."""
     stem = stem_of(path)

@@ -288,3 +288,23 @@ def test_squeezenet_logits_are_not_clipped_at_zero() -> None:
     with torch.no_grad():
         out = m(torch.rand(4, 1, 112, 112))
     assert (out < 0).any(), "a final ReLU would make every logit >= 0"
+
+
+@pytest.mark.parametrize("name", ["mnasnet0_5", "mobilenet_v3_small"])
+def test_safetensors_roundtrip_same_output(tmp_path, name: str) -> None:
+    """safetensors drops module versions; MNASNet refuses a state dict without them unless we restore them."""
+    from patchflannel.learners import create_learner
+    from patchflannel.weights import load_state, load_weights, save_weights
+
+    torch.manual_seed(0)
+    m = create_learner(name, num_classes=4).eval()
+    save_weights(m, tmp_path / "w", {"learner": name})
+    state, _ = load_weights(tmp_path / "w")
+    m2 = create_learner(name, num_classes=4).eval()
+    load_state(m2, state)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m2(x))
+    m3 = create_learner(name, num_classes=4, pretrained=str(tmp_path / "w.safetensors")).eval()
+    with torch.no_grad():
+        assert m3(x).shape == (2, 4)
