@@ -55,7 +55,8 @@ def ensemble_section(ens_dir: Path) -> str:
         + ", each as its fold models (`learners/<name>_fold<f>`), trained from random init on in-lung 224-px patches "
           "of lung-masked 1024² radiographs (see each sidecar for the input size and config); stored as float16.",
         f"- FLANNEL weight module over the learners' {f.get('distribution', 'soft')} distributions "
-        f"(K = {f.get('k')} patches per image), focal loss γ = {f.get('gamma')}, α = {f.get('alpha')}.",
+        f"(K = {f.get('k')} patches per image), focal loss γ = {f.get('gamma')}, "
+        f"α = {[round(a, 3) for a in f.get('alpha') or []]}. The shipped module is the `FLANNEL (focal …)` row below, first seed.",
         "- Trained on out-of-fold distributions of `../shared/data/cxr` (patient-grouped folds); "
         "evaluated on the patient-grouped held-out test part.",
         "- **Known confound**: almost all non-COVID images are pediatric (Kaggle), almost all COVID images adult; "
