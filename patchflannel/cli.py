@@ -110,13 +110,11 @@ def segment(
     with _user_errors():
         import numpy as np
 
-        from .io import list_images, resize, to_uint8, write_png
+        from .io import resize, to_uint8, write_png
         from .segment import DEFAULT_WEIGHTS, WORK_SIZE, LungSegmenter, overlay
         from .store import StoreWriter
 
-        files = list_images([str(p) for p in inputs])
-        if not files:
-            raise UserError(f"no image files found in {', '.join(map(str, inputs))}")
+        files = _input_files(inputs)
         seg = LungSegmenter.from_pretrained(weights or DEFAULT_WEIGHTS, device=_device(device))
         names = _unique_names(files)
         writer = StoreWriter(store, provenance={"command": "segment", "weights": str(weights or DEFAULT_WEIGHTS)}) if store else None
@@ -156,6 +154,16 @@ def segment(
                   + (f", store: {store}" if store and n_ok else ""))
         if n_ok < len(results):
             raise typer.Exit(1)
+
+
+def _input_files(inputs: list[Path]) -> list[Path]:
+    """Files and folders → candidate image files; none at all is a user error."""
+    from .io import list_images
+
+    files = list_images([str(p) for p in inputs])
+    if not files:
+        raise UserError(f"no image files found in {', '.join(map(str, inputs))}")
+    return files
 
 
 def _read_batches(files: list[Path], batch_size: int, results: list[dict[str, Any]], progress: Progress,
@@ -460,14 +468,12 @@ def predict(
     _setup_logging(verbose)
     with _user_errors():
         from .cxr import CLASSES
-        from .io import list_images, resize, write_png
+        from .io import resize, write_png
         from .pipeline import DEFAULT_ENSEMBLE, Pipeline
         from .segment import DEFAULT_WEIGHTS, overlay
         from .weights import atomic_write_text, write_json
 
-        files = list_images([str(p) for p in inputs])
-        if not files:
-            raise UserError(f"no image files found in {', '.join(map(str, inputs))}")
+        files = _input_files(inputs)
         pipe = Pipeline.from_weights(weights or DEFAULT_ENSEMBLE, seg_weights or DEFAULT_WEIGHTS, device=_device(device))
         names = _unique_names(files)
         rows: list[str] = ["file,label," + ",".join(f"p_{c}" for c in CLASSES)]
