@@ -182,17 +182,12 @@ def split_pass(pipe: Pipeline, paths: Sequence[Path], batch_size: int, k: int, s
     Returns (seconds per stage, seconds per learner within ``forward``, class
     distributions), all summed over the images.
     """
-    spent = dict.fromkeys(STAGES, 0.0)
+    clock = common.StageClock(STAGES, device)
+    spent, tick = clock.spent, clock.tick
     per_learner = dict.fromkeys(pipe.names, 0.0)
     out: list[np.ndarray] = []
     dist_key = pipe.flannel_cfg.get("distribution", "soft")
     factor = patch_scale(pipe.patch_size, pipe.learner_input)
-
-    def tick(stage: str, t0: float) -> float:
-        common.synchronize(device)
-        now = time.perf_counter()
-        spent[stage] += now - t0
-        return now
 
     for start in range(0, len(paths), batch_size):
         t = time.perf_counter()

@@ -125,13 +125,8 @@ def segment_files(seg: LungSegmenter, paths: Sequence[Path], batch_size: int) ->
 
 def split_pass(seg: LungSegmenter, paths: Sequence[Path], batch_size: int, device: torch.device) -> dict[str, float]:
     """One instrumented pass: seconds spent in each stage (summed over all images)."""
-    spent = dict.fromkeys(STAGES, 0.0)
-
-    def tick(stage: str, t0: float) -> float:
-        common.synchronize(device)
-        now = time.perf_counter()
-        spent[stage] += now - t0
-        return now
+    clock = common.StageClock(STAGES, device)
+    spent, tick = clock.spent, clock.tick
 
     for start in range(0, len(paths), batch_size):
         t = time.perf_counter()

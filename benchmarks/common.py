@@ -261,6 +261,21 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: torch.device,
     return out
 
 
+class StageClock:
+    """Seconds spent per stage, summed over calls: ``t = clock.tick("read", t)``."""
+
+    def __init__(self, stages: Sequence[str], device: torch.device) -> None:
+        self.spent: dict[str, float] = dict.fromkeys(stages, 0.0)
+        self.device = device
+
+    def tick(self, stage: str, t0: float) -> float:
+        """Charge the time since ``t0`` to ``stage`` (CUDA synchronised); returns now."""
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.spent[stage] += now - t0
+        return now
+
+
 def time_once(fn: Callable[[], Any], device: torch.device) -> float:
     """Seconds of one synchronised call of ``fn``."""
     synchronize(device)
