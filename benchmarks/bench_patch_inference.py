@@ -122,12 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ref-k", type=int, default=25, help="patches per image timed in the reference loop (b)")
     p.add_argument("--ref-centres", choices=["independent", "joint"], default="independent",
                    help="reference centre draw: row and column independently (faithful) or one mask pixel (correct)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed full runs of a and c before timing")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of a and c (median reported)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    common.add_run_options(p, "untimed full runs of a and c before timing", "timed runs of a and c (median reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR, help="folder of the CSV")
     args = p.parse_args(argv)
     for name in ("images", "k", "chunk_size", "ref_images", "ref_k"):
         if getattr(args, name) < 1:
@@ -414,9 +410,7 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
                   f"a vs b = {row['speedup_a_vs_b']:.1f}× (goal >= {GOAL_SPEEDUP:g}×: {ok_s})")
     print(f"b: {basis}.")
     print(f"b: {outside_note}.")
-    path = common.write_csv(common.results_path(NAME, device, args.out_dir), rows, COLUMNS)
-    print(f"command: {common.command_line(__file__, argv)}")
-    print(f"CSV: {path}")
+    common.finish(NAME, device, args.out_dir, rows, COLUMNS, __file__, argv)
     return rows
 
 

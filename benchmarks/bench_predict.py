@@ -99,12 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seg-weights", type=Path, default=DEFAULT_WEIGHTS, help="lung U-Net weights (.safetensors + .json)")
     p.add_argument("--chunk-size", type=int, default=256, help="crops per learner forward (Pipeline.predict's chunk)")
     p.add_argument("--no-split", dest="split", action="store_false", help="skip the instrumented pass that splits the time")
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches before timing each batch size")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes over all images (median reported)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    common.add_run_options(p, "untimed batches before timing each batch size", "timed passes over all images (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patch centres (predict --seed)")
-    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR, help="folder of the CSV")
     args = p.parse_args(argv)
     for name in ("images", "k", "chunk_size"):
         if getattr(args, name) < 1:
@@ -315,9 +311,7 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
         print(line)
     if ensemble_k is not None and ensemble_k != args.k:
         print(f"note: K={args.k} here; the FLANNEL weights were trained on distributions from K={ensemble_k}.")
-    path = common.write_csv(common.results_path(NAME, device, args.out_dir), rows, COLUMNS)
-    print(f"command: {common.command_line(__file__, argv)}")
-    print(f"CSV: {path}")
+    common.finish(NAME, device, args.out_dir, rows, COLUMNS, __file__, argv)
     return rows
 
 

@@ -87,12 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"random U-Net of the shipped architecture ({RANDOM_ENCODER}, {list(RANDOM_DECODER)}, "
                         f"input {RANDOM_NET_SIZE}) instead of --weights; same timing")
     p.add_argument("--no-split", dest="split", action="store_false", help="skip the instrumented pass that splits the time")
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches before timing each batch size")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes over all images (median reported)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    common.add_run_options(p, "untimed batches before timing each batch size", "timed passes over all images (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random U-Net")
-    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR, help="folder of the CSV")
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1:
         p.error("--batch-sizes must be >= 1")
@@ -210,9 +206,7 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
         print(line)
     if weights == "random":
         print("note: random U-Net weights (--random-weights); timing as for trained weights, masks meaningless.")
-    path = common.write_csv(common.results_path(NAME, device, args.out_dir), rows, COLUMNS)
-    print(f"command: {common.command_line(__file__, argv)}")
-    print(f"CSV: {path}")
+    common.finish(NAME, device, args.out_dir, rows, COLUMNS, __file__, argv)
     return rows
 
 

@@ -203,6 +203,24 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     return "\n".join(lines)
 
 
+def add_run_options(p: Any, warmup_help: str, repeats_help: str) -> None:
+    """The options every benchmark shares: --warmup, --repeats, --device, --threads, --out-dir."""
+    p.add_argument("--warmup", type=int, default=1, help=warmup_help)
+    p.add_argument("--repeats", type=int, default=3, help=repeats_help)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="folder of the CSV")
+
+
+def finish(name: str, device: torch.device, out_dir: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+           script: str | Path, argv: Sequence[str] | None) -> Path:
+    """Write the CSV and print the command that reproduces it and where it went."""
+    path = write_csv(results_path(name, device, out_dir), rows, columns)
+    print(f"command: {command_line(script, argv)}")
+    print(f"CSV: {path}")
+    return path
+
+
 def command_line(script: str | Path, argv: Sequence[str] | None) -> str:
     """The command that reproduces this run: ``python benchmarks/<script> <args>``.
 
