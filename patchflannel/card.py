@@ -1,5 +1,6 @@
-"""Model card for ``weights/``, generated from the weights' own sidecars so
-that every number in it comes from the run that produced the weights."""
+"""Model card for the shipped ``weights/``, generated from the weights' own configs so that
+every number in it comes from the run that produced the weights (training side: never imported
+by inference code)."""
 
 from __future__ import annotations
 
@@ -7,78 +8,110 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .weights import WEIGHTS_DIR, atomic_write_text
+from ._files import write_text
+from .config import shipped_dir
+from .hub import CONFIG_NAME
+
+DATA_LICENCES = """## Training data and their terms
+
+The weights were trained on public data; their terms travel with the weights:
+
+- **JSRT** radiographs (Shiraishi et al., AJR 2000) with **SCR** lung masks (van Ginneken et al., Medical
+  Image Analysis 2006): free for research and education with citation of both papers.
+- **V7 Labs lung annotations** of ieee8023 covid-chestxray-dataset images (as distributed in the
+  torchxrayvision 1.5.7 wheel): per-image licences of the ieee8023 collection (see its `license` column).
+- **Kaggle "Chest X-Ray Images (Pneumonia)"** (Kermany et al., Cell 2018): CC BY 4.0.
+- **ieee8023 covid-chestxray-dataset** (Cohen et al., snapshot 2020-06-22): per-image licences
+  (CC BY, CC BY-NC-SA, Apache 2.0, … recorded per image in the data's `license` column).
+- **Actualmed COVID-19 chest X-ray dataset**: its repository's terms.
+
+The code is MIT-licensed (`LICENSE`); the weights are research artefacts derived from the data above
+and are not a medical device.
+"""
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
-def segmenter_section(sidecar: dict[str, Any]) -> str:
-    m = sidecar.get("test_metrics", {})
-    pre = sidecar["preprocess"]
-    lines = [
-        "## `lung_unet` — lung segmentation",
-        "",
-        f"- Architecture: segmentation-models-pytorch U-Net, encoder `{sidecar['encoder']}` (random init, no ImageNet), "
-        f"decoder channels {sidecar['decoder_channels']}, 1 gray input channel, 1 output (both lungs).",
-        f"- Input: radiograph resized (area) to {pre['size']}×{pre['size']}, contrast `{pre['method']}`"
-        + (f" (clip {pre['clip_limit']}, {pre['tile_grid']}×{pre['tile_grid']} tiles)" if pre["method"] == "clahe" else "")
-        + (f", gamma {pre['gamma']}" if pre.get("gamma", 1.0) != 1.0 else "") + ", then x − 0.5.",
-        f"- Output: {sidecar['postprocess']}; threshold {sidecar.get('threshold', 0.5)}.",
-        f"- Training data: {sidecar.get('training_data', 'see sidecar')}. Split seed {sidecar.get('split_seed')}; "
-        f"the held-out ids are in `lung_unet.json` → `split.test`.",
-        f"- Training: best validation Jaccard {_fmt(sidecar.get('val_jaccard'))} at epoch {sidecar.get('best_epoch')}"
-        + (f", {m.get('epochs_run')} epochs run in {m.get('train_seconds', 0) / 60:.0f} min on a 2-core CPU" if m else "") + ".",
-    ]
-    if m:
-        lines += [
-            "",
-            f"Held-out JSRT test part ({m['n']} images never used for training or model selection), masks at 1024²:",
-            "",
-            "| metric | mean | std | worst image |",
-            "|---|---|---|---|",
-            f"| Jaccard | {_fmt(m['jaccard_mean'])} | {_fmt(m['jaccard_std'])} | {_fmt(m['jaccard_min'])} ({m['worst_image']}) |",
-            f"| Dice | {_fmt(m['dice_mean'])} | {_fmt(m['dice_std'])} | |",
-        ]
-    lines += ["", "Reproduce: `patchflannel train-seg --config seg_cpu --run-dir runs/seg` then "
-              "`patchflannel export-seg runs/seg`; re-check: `patchflannel eval-seg`.", ""]
-    return "\n".join(lines)
+def _seg_config(path: Path) -> dict[str, Any] | None:
+    if (path / CONFIG_NAME).is_file():
+        return json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    if path.with_suffix(".json").is_file():
+        return json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    return None
 
 
-def ensemble_section(ens_dir: Path) -> str:
-    f = json.loads((ens_dir / "flannel.json").read_text())
-    lines = [
-        "## `ensemble/` — patch learners + FLANNEL",
-        "",
-        f"- Learners ({len(f['learners'])}): " + ", ".join(f"`{n}`" for n in f["learners"])
-        + ", each as its fold models (`learners/<name>_fold<f>`), trained from random init on in-lung 224-px patches "
-          "of lung-masked 1024² radiographs (see each sidecar for the input size and config); stored as float16.",
-        f"- FLANNEL weight module over the learners' {f.get('distribution', 'soft')} distributions "
-        f"(K = {f.get('k')} patches per image), focal loss γ = {f.get('gamma')}, "
-        f"α = {[round(a, 3) for a in f.get('alpha') or []]}. The shipped module is the `FLANNEL (focal …)` row below, first seed.",
-        "- Trained on out-of-fold distributions of `../shared/data/cxr` (patient-grouped folds); "
-        "evaluated on the patient-grouped held-out test part.",
-        "- **Known confound**: almost all non-COVID images are pediatric (Kaggle), almost all COVID images adult; "
-        "see `claims.md` and `docs/results.md` for the adult non-COVID check.",
-        "",
-    ]
-    if (ens_dir / "table.md").exists():
-        lines += ["Held-out test results (mean (std) over fold models × seeds):", "", (ens_dir / "table.md").read_text().strip(), ""]
-    return "\n".join(lines)
+def segmenter_section(name: str, cfg: dict[str, Any]) -> str:
+    pre = cfg.get("preprocess", {})
+    convs = cfg.get("conventions") or ["scr"]
+    lines = [f"## `{name}` — lung segmentation", "",
+             f"- segmentation-models-pytorch U-Net, encoder `{cfg.get('encoder')}`, decoder {cfg.get('decoder_channels')}, "
+             f"1 gray input channel, outputs: {', '.join(f'`{c}`' for c in convs)} "
+             "(`scr`: SCR lungs without the region behind the heart; `full`: the whole lung field, V7 style).",
+             f"- Input: radiograph area-resized to {pre.get('size')}², contrast `{pre.get('method')}`, then x − 0.5; "
+             "output upsampled to 1024², thresholded, anatomy-aware clean-up (two largest plausible components, holes "
+             "filled, neck/shoulder/outside-thorax components dropped).",
+             f"- Training data: {json.dumps(cfg.get('training_data'), ensure_ascii=False)}; split seed {cfg.get('split_seed')}; "
+             "the held-out ids are in the config (`split.<domain>.test`) so `eval-seg` re-checks the same images."]
+    test = cfg.get("test_metrics") or {}
+    rows = []
+    for key, s in test.items():
+        if not isinstance(s, dict) or "by_convention" not in s:
+            continue
+        for conv, m in s["by_convention"].items():
+            if m.get("n"):
+                rows.append(f"| {s['domain']} | {conv}{' (own)' if conv == s.get('own_convention') else ''} | {m['n']} | "
+                            f"{_fmt(m['jaccard_mean'])} ± {_fmt(m['jaccard_std'])} | {_fmt(m['jaccard_median'])} | "
+                            f"{_fmt(m['jaccard_min'])} | {m['below_0.75']} | {_fmt(m['dice_mean'])} |")
+    if "jaccard_mean" in test:  # v0.1 JSRT-only weights
+        rows.append(f"| jsrt | scr (own) | {test['n']} | {_fmt(test['jaccard_mean'])} ± {_fmt(test['jaccard_std'])} | | "
+                    f"{_fmt(test['jaccard_min'])} | | {_fmt(test['dice_mean'])} |")
+    if rows:
+        lines += ["", "Held-out test parts (never used for training or model selection), masks at 1024²:", "",
+                  "| data | convention | n | Jaccard mean ± std | median | worst | < 0.75 | Dice |",
+                  "|---|---|---:|---|---:|---:|---:|---:|", *rows]
+    return "\n".join(lines) + "\n"
 
 
-def write_model_card(weights_dir: Path = WEIGHTS_DIR) -> Path:
-    """(Re)write ``weights_dir/README.md`` from the sidecars present."""
+def classifier_section(name: str, cfg: dict[str, Any]) -> str:
+    tr = cfg.get("training") or {}
+    seg = cfg.get("segmenter") or {}
+    lines = [f"## `{name}/` — patch learners + FLANNEL", "",
+             "- Learners: " + ", ".join(f"`{n}` ({len(cfg['members'][n])} members)" for n in cfg["learners"]) + "; "
+             f"distribution `{cfg.get('distribution')}`, K = {(cfg.get('defaults') or {}).get('k')} crops per image.",
+             f"- Combiner: `{cfg.get('combiner')}`; calibration: `{(cfg.get('calibration') or {}).get('kind', 'none')}`.",
+             f"- Lung masks from `{seg.get('name')}` ({seg.get('convention', 'scr')} convention); the classifier loads "
+             "that segmenter by default, since its learners saw those masks.",
+             f"- Training: {tr.get('data') or tr.get('runs')}.",
+             "- **Known confound**: nearly all non-COVID images are pediatric (Kaggle) and nearly all COVID images adult; "
+             "COVID-vs-rest scores mostly measure age/source (see `docs/results.md`). Not for clinical use."]
+    if tr.get("note"):
+        lines.append(f"- Note: {tr['note']}.")
+    if "test_macro_f1_v01" in tr:
+        lines.append(f"- Held-out test macro-F1 of this model in v0.1 (127 images of the 630): {_fmt(tr['test_macro_f1_v01'], 3)}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(weights_dir: Path | None = None) -> Path:
+    """(Re)write ``weights_dir/README.md`` from the configs of the weights present."""
+    weights_dir = Path(weights_dir or shipped_dir("weights"))
     parts = ["# Shipped weights — model card", "",
-             "Trained by this project on a 2-core CPU from random initialisation (no ImageNet checkpoint was available). "
-             "Research use only; not a medical device. This file is generated by `patchflannel.card.write_model_card` "
-             "from the weights' JSON sidecars.", ""]
-    seg = weights_dir / "lung_unet.json"
-    if seg.exists():
-        parts.append(segmenter_section(json.loads(seg.read_text())))
-    if (weights_dir / "ensemble" / "flannel.json").exists():
-        parts.append(ensemble_section(weights_dir / "ensemble"))
+             "Trained by this project on a 2-core CPU from random initialisation (no ImageNet checkpoint was "
+             "available). Research use only; not a medical device. Generated by "
+             "`python -m patchflannel.card` from the weights' own configs.", ""]
+    for stem in ("lung_unet", "lung_unet_jsrt"):
+        cfg = _seg_config(weights_dir / stem)
+        if cfg:
+            parts.append(segmenter_section(stem, cfg))
+    ens = weights_dir / "ensemble" / CONFIG_NAME
+    if ens.is_file():
+        parts.append(classifier_section("ensemble", json.loads(ens.read_text(encoding="utf-8"))))
+    parts.append(DATA_LICENCES)
     path = weights_dir / "README.md"
-    atomic_write_text(path, "\n".join(parts))
+    write_text(path, "\n".join(parts))
     return path
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(write_model_card())

@@ -1,13 +1,18 @@
-"""Command-line interface: wires the stages together; the only module that
-imports typer and rich."""
+"""Command-line interface: wires the stages together; the only module that imports typer and rich.
+
+Every command turns :class:`~patchflannel.errors.PatchflannelError` into one
+red line and exit code 2; batch commands report bad files, carry on and exit
+1 if any failed; Ctrl-C exits 130 with what was kept. Anything else is a bug
+and is shown as one, with its traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -16,6 +21,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from . import __version__
 
 app = typer.Typer(
     name="patchflannel",
@@ -28,38 +35,58 @@ console = Console(stderr=True)
 out = Console()
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES_DIR = ROOT / "samples"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (mixed precision on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config value: --set train.epochs=40 (repeatable).")]
+RestartOpt = Annotated[bool, typer.Option("--restart/--resume", help="Discard the run folder's checkpoint and start over "
+                                                                    "(default: resume from it if the config is the same).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace an earlier run's results in --out.")]
 
 
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"patchflannel {__version__}")
+        raise typer.Exit()
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Patched FLANNEL for chest X-ray research. Research software, not a medical device."""
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _setup_logging(verbose: bool, rank: int = 0) -> None:
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
     for noisy in ("matplotlib", "PIL", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn the library's user-facing errors into a red message and exit code 2."""
-    from .config import ConfigError
-    from .io import ImageReadError
-    from .store import StoreError
-    from .weights import WeightsNotFoundError
+@contextlib.contextmanager
+def _guard(resume_hint: str = "") -> Iterator[None]:
+    """User errors → one red line, exit 2; Ctrl-C → exit 130; bugs keep their traceback."""
+    from .errors import PatchflannelError
 
     try:
         yield
-    except (UserError, ConfigError, ImageReadError, StoreError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+    except PatchflannelError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]; completed outputs are kept (written atomically); to continue, rerun the same command (train-seg: with --resume)")
+        console.print("[yellow]interrupted[/]: finished outputs are kept (written atomically)" +
+                      (f"; {resume_hint}" if resume_hint else ""))
         raise typer.Exit(130) from None
+    except (typer.Exit, SystemExit):
+        raise
+    except Exception:
+        console.print(f"[bold red]internal error[/] in patchflannel {__version__}: this is a bug, not a problem with "
+                      "your input; please report it with the traceback below.")
+        raise
 
 
 def _progress() -> Progress:
@@ -68,452 +95,522 @@ def _progress() -> Progress:
                     disable=not console.is_terminal)
 
 
-def _track_factory(progress: Progress) -> Callable[[Iterable[T], str, Optional[int]], Iterable[T]]:
+def _tracker(progress: Progress) -> Callable[[Iterable[T], str, Optional[int]], Iterable[T]]:
     def track(it: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
         return progress.track(it, total=total, description=description)
 
     return track
 
 
-def _device(device: str | None) -> str:
-    import torch
+def _config_base(config: str) -> Path:
+    """Relative data paths in a config resolve from the current folder, else from the config's project folder."""
+    from .config import resolve_config_path
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} requested but CUDA is not available on this machine")
-    return device
+    return resolve_config_path(config).resolve().parent.parent
 
 
-def _set_threads() -> None:
-    import torch
+def _resolve_path(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    if value.startswith("jsrt:"):
+        return "jsrt:" + str(_resolve_path(value[5:], base))
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists():
+        return str(p)
+    cand = base / p
+    return str(cand) if cand.exists() else str(p)
 
-    # OpenCV and torch would otherwise oversubscribe the cores.
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+def _input_files(inputs: list[Path]) -> list[Path]:
+    from .errors import DataError
+    from .io import list_images
+
+    files = list_images([str(p) for p in inputs])
+    if not files:
+        raise DataError(f"no image files found in {', '.join(map(str, inputs))}")
+    return files
+
+
+def _summary_table(results: list[dict[str, Any]], title: str, limit: int = 40) -> None:
+    n_ok = sum(r["status"] == "ok" for r in results)
+    table = Table(title=f"{title}: {n_ok} ok, {len(results) - n_ok} failed", show_lines=False)
+    table.add_column("file", overflow="fold")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    shown = [r for r in results if r["status"] != "ok"] + [r for r in results if r["status"] == "ok"]
+    for r in shown[:limit]:
+        table.add_row(str(r["file"]), "[green]ok[/]" if r["status"] == "ok" else "[red]failed[/]", r["detail"])
+    if len(results) > limit:
+        table.caption = f"… {len(results) - limit} more rows in the CSV"
+    out.print(table)
 
 
 # --------------------------------------------------------------------------- segment
 
 
+SEG_COLUMNS = ["file", "name", "status", "error", "width", "height", "convention", "lung_fraction", "components",
+               "removed", "balance", "suspicious", "reason"]
+
+
 @app.command()
 def segment(
     inputs: Annotated[list[Path], typer.Argument(help="Radiograph files or folders (PNG, JPEG, DICOM, JSRT .IMG, …).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: masks/ and overlays/ go here.")] = Path("out"),
-    weights: Annotated[Optional[Path], typer.Option(help="Lung U-Net weights (.safetensors with its .json).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: masks/, overlays/, masks.csv.")] = Path("out"),
+    convention: Annotated[str, typer.Option(help="scr (SCR lungs, without the region behind the heart; what the "
+                                                  "classifier samples from) or full (whole lung field, V7 style).")] = "scr",
+    weights: Annotated[str, typer.Option("--weights", help="Lung U-Net weights: a folder or a name.")] = "lung_unet",
     store: Annotated[Optional[Path], typer.Option(help="Also write images + masks at 1024² to this HDF5 store.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 …")] = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, max=256)] = 4,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Segment the lungs: writes OUT/masks/X.png (255 = lung, input size) and OUT/overlays/X.png."""
+    """Lung masks: OUT/masks/NAME.png (255 = lung, input size), OUT/overlays/NAME.png and a quality line per image in OUT/masks.csv."""
     _setup_logging(verbose)
-    with _user_errors():
-        import numpy as np
-
-        from .io import resize, to_uint8, write_png
-        from .segment import DEFAULT_WEIGHTS, WORK_SIZE, LungSegmenter, overlay
+    with _guard():
+        from .errors import ImageReadError, OutputError
+        from .io import read_image, resize, to_uint8, write_png
+        from .outputs import OutputDir, unique_names
+        from .runtime import resolve_device
+        from .segment import CONVENTIONS, WORK_SIZE, LungSegmenter, overlay
         from .store import StoreWriter
 
+        if convention not in CONVENTIONS:
+            raise OutputError(f"--convention {convention!r}: choose {' or '.join(CONVENTIONS)}")
+        dev = resolve_device(device)
         files = _input_files(inputs)
-        seg = LungSegmenter.from_pretrained(weights or DEFAULT_WEIGHTS, device=_device(device))
-        names = _unique_names(files)
-        writer = StoreWriter(store, provenance={"command": "segment", "weights": str(weights or DEFAULT_WEIGHTS)}) if store else None
-        results: list[dict[str, Any]] = []
-        t0 = time.perf_counter()
-        try:
-            with _progress() as progress:
-                task = progress.add_task("segmenting", total=len(files))
-                for ok_files, images in _read_batches(files, batch_size, results, progress, task):
-                    masks = seg.predict(images, batch_size=batch_size)
-                    for f, im, m in zip(ok_files, images, masks):
-                        name = names[f]
-                        write_png(out_dir / "masks" / f"{name}.png", to_uint8(m))
-                        write_png(out_dir / "overlays" / f"{name}.png", overlay(im, m))
-                        if writer is not None:
-                            writer.add(name, resize(im, WORK_SIZE, "area"), resize(m, WORK_SIZE, "nearest"),
-                                       {"source_file": str(f), "orig_height": im.shape[0], "orig_width": im.shape[1]})
-                        frac = float(np.count_nonzero(m)) / m.size
-                        detail = f"{im.shape[1]}×{im.shape[0]}, lungs {100 * frac:.1f} %"
-                        if frac < 0.05:
-                            detail += " [yellow](very small lung area: check the overlay)[/]"
-                        results.append({"file": f, "status": "ok", "detail": detail})
-                        progress.advance(task)
-        except BaseException:
+        names = unique_names(files)
+        with OutputDir(out_dir, "segment", overwrite) as od:
+            od.inputs = [str(f) for f in files]
+            seg = LungSegmenter.from_pretrained(weights, device=dev)
+            if convention not in seg.conventions:
+                raise OutputError(f"--convention {convention}: the weights {weights} produce only {', '.join(seg.conventions)}")
+            writer = StoreWriter(store, provenance={"command": "segment", "weights": str(weights),
+                                                    "convention": convention}) if store else None
+            results: list[dict[str, Any]] = []
+            t0 = time.perf_counter()
+            try:
+                with _progress() as progress:
+                    task = progress.add_task("segmenting", total=len(files))
+                    for start in range(0, len(files), batch_size):
+                        batch, images = [], []
+                        for f in files[start:start + batch_size]:
+                            try:
+                                images.append(read_image(f))
+                                batch.append(f)
+                            except ImageReadError as exc:
+                                console.print(f"[red]✗[/] {exc}", highlight=False)
+                                od.append_row("masks.csv", {"file": str(f), "name": names[f], "status": "error",
+                                                            "error": exc.problem}, SEG_COLUMNS)
+                                results.append({"file": f, "status": "error", "detail": exc.problem})
+                                progress.advance(task)
+                        if not images:
+                            continue
+                        for f, im, res in zip(batch, images, seg.segment(images, convention, batch_size)):
+                            name, q = names[f], res.quality
+                            write_png(od.file("masks", f"{name}.png"), to_uint8(res.mask))
+                            write_png(od.file("overlays", f"{name}.png"), overlay(im, res.mask))
+                            if writer is not None:
+                                writer.add(name, resize(im, WORK_SIZE, "area"), res.mask_work,
+                                           {"source_file": str(f), "orig_height": im.shape[0], "orig_width": im.shape[1]})
+                            od.append_row("masks.csv", {"file": str(f), "name": name, "status": "ok", "width": im.shape[1],
+                                                        "height": im.shape[0], "convention": convention,
+                                                        "lung_fraction": f"{q.lung_fraction:.4f}", "components": q.components,
+                                                        "removed": q.removed, "balance": f"{q.balance:.3f}",
+                                                        "suspicious": int(q.suspicious), "reason": q.reason}, SEG_COLUMNS)
+                            detail = f"{im.shape[1]}×{im.shape[0]}, lungs {100 * q.lung_fraction:.1f} %"
+                            if q.suspicious:
+                                detail += f" [yellow](check the overlay: {q.reason})[/]"
+                            results.append({"file": f, "status": "ok", "detail": detail})
+                            progress.advance(task)
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
             if writer is not None:
-                writer.abort()
-            raise
-        if writer is not None:
-            if len(writer):
-                writer.close()
-            else:
-                writer.abort()
+                writer.close() if len(writer) else writer.abort()
         elapsed = time.perf_counter() - t0
         _summary_table(results, "segment")
         n_ok = sum(r["status"] == "ok" for r in results)
-        out.print(f"{n_ok}/{len(results)} segmented in {elapsed:.1f} s → masks: {out_dir / 'masks'}, overlays: {out_dir / 'overlays'}"
-                  + (f", store: {store}" if store and n_ok else ""))
+        n_sus = sum("check the overlay" in r["detail"] for r in results)
+        out.print(f"{n_ok}/{len(results)} segmented in {elapsed:.1f} s ({convention} convention) → {out_dir / 'masks'}, "
+                  f"{out_dir / 'overlays'}, quality lines in {out_dir / 'masks.csv'}"
+                  + (f"; {n_sus} flagged suspicious" if n_sus else "") + (f", store: {store}" if store and n_ok else ""))
         if n_ok < len(results):
             raise typer.Exit(1)
 
 
-def _input_files(inputs: list[Path]) -> list[Path]:
-    """Files and folders → candidate image files; none at all is a user error."""
-    from .io import list_images
-
-    files = list_images([str(p) for p in inputs])
-    if not files:
-        raise UserError(f"no image files found in {', '.join(map(str, inputs))}")
-    return files
+# --------------------------------------------------------------------------- train / evaluate / export the segmenter
 
 
-def _read_batches(files: list[Path], batch_size: int, results: list[dict[str, Any]], progress: Progress,
-                  task: Any) -> Iterator[tuple[list[Path], list[Any]]]:
-    """Yield ``(files, images)`` batches of readable files; each unreadable file
-    is reported, recorded in ``results`` and skipped."""
-    from .io import ImageReadError, read_image
+def _dist_and_logging(device: str, verbose: bool) -> Any:
+    from .runtime import init_distributed
 
-    for start in range(0, len(files), batch_size):
-        images, ok_files = [], []
-        for f in files[start:start + batch_size]:
-            try:
-                images.append(read_image(f))
-                ok_files.append(f)
-            except ImageReadError as exc:
-                results.append({"file": f, "status": "error", "detail": exc.problem})
-                console.print(f"[red]✗[/] {exc}")
-                progress.advance(task)
-        if images:
-            yield ok_files, images
-
-
-def _unique_names(files: list[Path]) -> dict[Path, str]:
-    """Output names = input stems, disambiguated when two inputs share a stem."""
-    names: dict[Path, str] = {}
-    seen: dict[str, int] = {}
-    for f in files:
-        stem = f.stem or f.name
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        names[f] = stem if n == 0 else f"{stem}_{n}"
-    return names
-
-
-def _summary_table(results: list[dict[str, Any]], title: str) -> None:
-    table = Table(title=f"{title}: {sum(r['status'] == 'ok' for r in results)} ok, "
-                        f"{sum(r['status'] != 'ok' for r in results)} failed", show_lines=False)
-    table.add_column("file", overflow="fold")
-    table.add_column("status")
-    table.add_column("detail", overflow="fold")
-    for r in results:
-        table.add_row(str(r["file"]), "[green]ok[/]" if r["status"] == "ok" else "[red]failed[/]", r["detail"])
-    out.print(table)
-
-
-# --------------------------------------------------------------------------- train / evaluate the segmenter
+    dist = init_distributed(device)
+    _setup_logging(verbose, dist.rank)
+    return dist
 
 
 @app.command("train-seg")
 def train_seg(
-    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML path.")] = "seg_cpu",
-    run_dir: Annotated[Path, typer.Option(help="Run folder (config, split, checkpoints, metrics).")] = Path("runs/seg"),
-    data: Annotated[Optional[Path], typer.Option(help="JSRT folder (images + SCR masks).")] = None,
-    epochs: Annotated[Optional[int], typer.Option()] = None,
-    encoder: Annotated[Optional[str], typer.Option(help="smp encoder name, e.g. resnet18, resnet34.")] = None,
-    size: Annotated[Optional[int], typer.Option(help="Net input resolution.")] = None,
-    preprocess: Annotated[Optional[str], typer.Option(help="clahe, equalize or none.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    lr: Annotated[Optional[float], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N cases (smoke tests).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/checkpoint.pt.")] = False,
-    device: Annotated[str, typer.Option()] = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    config: Annotated[str, typer.Option(help="Config name (configs/NAME.yaml) or a YAML path.")] = "seg_cpu",
+    run_dir: Annotated[Path, typer.Option(help="Run folder: config, split, checkpoint, history, best/, test metrics.")] = Path("runs/seg"),
+    set_: SetOpt = None,
+    restart: RestartOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Train the lung U-Net on JSRT/SCR; evaluates the best checkpoint on the held-out test part."""
-    _setup_logging(verbose)
-    with _user_errors():
+    """Train the lung U-Net on JSRT/SCR + V7 (one output per convention); evaluates the best checkpoint on the held-out test parts."""
+    with _guard("rerun the same command to resume from the last checkpoint"):
+        dist = _dist_and_logging(device, verbose)
         from .config import load_config
-        from .segment import train_segmenter
+        from .runtime import resolve_precision
+        from .segment_train import SegTrainConfig, train_segmenter
 
-        cfg = load_config(config, {"data": str(data) if data else None, "epochs": epochs, "encoder": encoder,
-                                   "preprocess.size": size, "preprocess.method": preprocess, "batch_size": batch_size,
-                                   "lr": lr, "seed": seed, "limit": limit})
-        cfg["data"] = str(_resolve_data(cfg["data"]))
+        cfg = load_config(SegTrainConfig, config, sets=set_)
+        base = _config_base(config)
+        cfg.data.jsrt = _resolve_path(cfg.data.jsrt, base)
+        cfg.data.v7 = _resolve_path(cfg.data.v7, base)
         with _progress() as progress:
-            summary = train_segmenter(cfg, run_dir, resume=resume, track=_track_factory(progress), device=_device(device))
-        _print_seg_summary(summary, run_dir, "test")
-        out.print(f"best weights: {run_dir / 'best.safetensors'} (+ .json); copy both to weights/ to ship them")
-
-
-def _resolve_data(path: str | Path) -> Path:
-    """Config data paths are relative to the project root when not found from the cwd."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    cand = ROOT / p
-    return cand if cand.exists() else p
+            summary = train_segmenter(cfg, run_dir, dist, resolve_precision(precision, dist.device), restart,
+                                      _tracker(progress))
+        if dist.is_main:
+            for key in ("test_jsrt", "test_v7"):
+                if key in summary:
+                    _print_seg_summary(summary[key], run_dir, key)
+            out.print(f"best weights: {run_dir / 'best'}; ship them with `patchflannel export-seg {run_dir} --to DIR`")
 
 
 def _print_seg_summary(summary: dict[str, Any], where: Path, prefix: str) -> None:
-    table = Table(title=f"lung segmentation, {summary['n']} held-out images at 1024²")
-    for col in ("metric", "mean", "std", "worst"):
+    table = Table(title=f"{summary['domain']}: {prefix} (masks at 1024²)")
+    for col in ("convention", "n", "Jaccard mean ± std", "median", "worst", "< 0.75", "Dice", "missed", "added"):
         table.add_column(col)
-    table.add_row("Jaccard", f"{summary['jaccard_mean']:.4f}", f"{summary['jaccard_std']:.4f}",
-                  f"{summary['jaccard_min']:.4f} ({summary['worst_image']})")
-    table.add_row("Dice", f"{summary['dice_mean']:.4f}", f"{summary['dice_std']:.4f}", "")
+    for conv, s in summary["by_convention"].items():
+        if not s.get("n"):
+            continue
+        table.add_row(conv + (" (own)" if conv == summary["own_convention"] else ""), str(s["n"]),
+                      f"{s['jaccard_mean']:.4f} ± {s['jaccard_std']:.4f}", f"{s['jaccard_median']:.4f}",
+                      f"{s['jaccard_min']:.4f} ({s['worst_image'][:20]})", str(s["below_0.75"]),
+                      f"{s['dice_mean']:.4f}", f"{100 * s['missed_mean']:.1f} %", f"{100 * s['added_mean']:.1f} %")
     out.print(table)
-    out.print(f"per-image: {where / f'{prefix}_metrics.csv'}; worst cases: {where / f'{prefix}_worst_cases.png'}")
+    skipped = next(iter(summary["by_convention"].values())).get("n_skipped_empty_reference", 0)
+    if skipped:
+        out.print(f"[yellow]{skipped} images skipped: empty reference mask[/]")
+    out.print(f"per image: {where / f'{prefix}_metrics.csv'}; worst cases: {where / f'{prefix}_worst_cases.png'}")
 
 
 @app.command("eval-seg")
 def eval_seg(
-    weights: Annotated[Optional[Path], typer.Option(help="Lung U-Net weights; default: shipped weights/lung_unet.")] = None,
-    data: Annotated[Path, typer.Option(help="JSRT folder (images + SCR masks).")] = SHARED_DATA / "jsrt",
-    split: Annotated[Optional[Path], typer.Option(help="split.json of a training run; evaluates its 'test' part. "
-                                                       "Default: the split saved with the weights.")] = None,
-    all_images: Annotated[bool, typer.Option("--all", help="Evaluate on every image found (ignores the split).")] = False,
+    data: Annotated[Path, typer.Option(help="A JSRT/SCR folder or a V7 folder (images/, masks/, metadata.csv).")] = Path("../shared/data/jsrt"),
+    weights: Annotated[str, typer.Option("--weights", help="Lung U-Net weights: a folder or a name.")] = "lung_unet",
+    split: Annotated[Optional[Path], typer.Option(help="A train-seg split.json; evaluates its test part. "
+                                                       "Default: the test part saved with the weights.")] = None,
+    all_images: Annotated[bool, typer.Option("--all", help="Evaluate every image found (ignores the split).")] = False,
     out_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/seg_eval"),
-    device: Annotated[str, typer.Option()] = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    device: DeviceOpt = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Jaccard/Dice per image (mean ± std, worst) and a figure of the worst cases."""
+    """Jaccard/Dice per image and convention, mean ± std, median, worst images (figure), missed and added lung."""
     _setup_logging(verbose)
-    with _user_errors():
+    with _guard():
         import json
 
-        from .segment import DEFAULT_WEIGHTS, LungSegmenter, discover_jsrt, evaluate_split
+        from .data import discover_seg
+        from .errors import DataError
+        from .runtime import resolve_device
+        from .segment import LungSegmenter
+        from .segment_train import eval_seg_data
 
-        seg = LungSegmenter.from_pretrained(weights or DEFAULT_WEIGHTS, device=_device(device))
-        cases = discover_jsrt(data)
-        if all_images:
-            ids = [c.case_id for c in cases]
-        else:
+        seg = LungSegmenter.from_pretrained(weights, device=resolve_device(device))
+        domain = discover_seg(data)[0].domain
+        ids = None
+        if not all_images:
             if split is not None:
-                ids = json.loads(Path(split).read_text())["test"]
-            elif "split" in seg.config:
-                ids = seg.config["split"]["test"]
+                try:
+                    saved = json.loads(split.read_text())
+                except (OSError, json.JSONDecodeError) as exc:
+                    raise DataError(f"--split {split}: not a readable split.json ({exc})") from None
             else:
-                raise UserError("these weights carry no split; pass --split RUN/split.json or --all")
-            known = {c.case_id for c in cases}
-            ids = [i for i in ids if i in known]
-            if not ids:
-                raise UserError(f"none of the split's test images are in {data}")
-        out_dir.mkdir(parents=True, exist_ok=True)
+                saved = seg.config.get("split") or {}
+            part = saved.get(domain, saved) if isinstance(saved, dict) else {}
+            if not isinstance(part, dict) or "test" not in part:
+                raise DataError(f"no {domain} test part in {'--split ' + str(split) if split else 'the weights'}; "
+                                "pass --split RUN/split.json or --all")
+            ids = part["test"]
         with _progress() as progress:
-            summary = evaluate_split(seg, cases, ids, out_dir, track=_track_factory(progress))
-        _print_seg_summary(summary, out_dir, "test")
+            summary = eval_seg_data(seg, data, ids, out_dir, _tracker(progress))
+        _print_seg_summary(summary, out_dir, f"eval_{domain}")
 
 
 @app.command("export-seg")
 def export_seg(
     run_dir: Annotated[Path, typer.Argument(help="A train-seg run folder.")],
-    to: Annotated[Path, typer.Option(help="Destination stem (writes .safetensors + .json).")] = ROOT / "weights" / "lung_unet",
+    to: Annotated[Path, typer.Option(help="Destination weights folder, e.g. weights/lung_unet.")],
+    half: Annotated[bool, typer.Option("--half/--full-precision", help="Store float16 tensors (half the size).")] = False,
 ) -> None:
-    """Ship a run's best lung U-Net: copies its weights with split, metrics and training time in the sidecar."""
+    """Ship a run's best lung U-Net with its split, test metrics and training data in its config."""
     _setup_logging(False)
-    with _user_errors():
-        from .segment import export_segmenter
+    with _guard():
+        from .segment_train import export_segmenter
 
-        from .card import write_model_card
-
-        stem = export_segmenter(run_dir, to)
-        out.print(f"exported {stem}.safetensors and {stem}.json")
-        if stem.parent == ROOT / "weights":
-            out.print(f"model card: {write_model_card(stem.parent)}")
+        dest = export_segmenter(run_dir, to, half=half)
+        out.print(f"exported {dest} (config.json + model.safetensors)")
 
 
 # --------------------------------------------------------------------------- patch learners
 
 
+def _segmenter_identity(ref: str) -> tuple[Path, str]:
+    from ._files import file_sha256
+    from .hub import WEIGHTS_NAME, resolve_weights
+
+    path = resolve_weights(ref, option="--set data.segmenter=PATH")
+    f = path / WEIGHTS_NAME if path.is_dir() else path.with_suffix(".safetensors")
+    return path, file_sha256(f)
+
+
+def _load_cxr_data(cfg: Any, base: Path, rebuild: bool, dist: Any, track: Any) -> Any:
+    """Records of the config's sources → the cache (built when missing or with --rebuild) → CxrData."""
+    from .data import build_cache, load_cache, load_records
+    from .runtime import resolve_device
+    from .segment import LungSegmenter
+
+    cfg.data.sources = [_resolve_path(x, base) for x in cfg.data.sources]
+    cfg.data.train_only = [_resolve_path(x, base) for x in cfg.data.train_only]
+    cache = Path(cfg.data.cache)
+    if not cache.is_absolute() and not cache.parent.exists() and (base / cache.parent).exists():
+        cache = base / cache
+    cfg.data.cache = str(cache)
+    main = load_records(cfg.data.sources, cfg.data.exclude_findings)
+    extra = load_records(cfg.data.train_only, cfg.data.exclude_findings) if cfg.data.train_only else []
+    records = main + extra
+    seg_path, seg_sha = _segmenter_identity(cfg.data.segmenter)
+    if (rebuild or not cache.exists()) and dist.is_main:
+        seg = LungSegmenter.from_pretrained(seg_path, device=resolve_device("auto") if not dist.enabled else dist.device)
+        console.print(f"building the cache {cache} ({len(records)} images; reading and segmenting each once)")
+        _, errors = build_cache(records, seg, cache, cfg.data.segmenter, seg_sha, track=track)
+        for e in errors:
+            console.print(f"[red]✗[/] {e}", highlight=False)
+        if errors:
+            console.print(f"[yellow]{len(errors)} unreadable images left out of the cache[/]")
+    dist.barrier()
+    data = load_cache(cache, records, seg_sha, cfg.data.dedup)
+    extra_ids = {r.image_id for r in extra}
+    data.roles = ["train_only" if i in extra_ids else "main" for i in data.ids]
+    if data.duplicates:
+        console.print(f"{len(data.duplicates)} near-identical image pairs under different patient ids: their patients "
+                      "are grouped together in every split")
+    return data
+
+
 @app.command("train-patch")
 def train_patch(
-    k: Annotated[Optional[int], typer.Option("--k", help="Patches per image when voting (paper: 100).")] = None,
-    learner: Annotated[Optional[list[str]], typer.Option("--learner", help="Learner name (repeatable); "
-                                                         "global-NAME for a whole-image baseline. Default: from the config.")] = None,
-    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML path.")] = "patch_cpu",
+    config: Annotated[str, typer.Option(help="Config name (configs/NAME.yaml) or a YAML path.")] = "patch_cpu",
     run_dir: Annotated[Path, typer.Option(help="Run folder (resumable: finished folds are reused).")] = Path("runs/patch"),
-    data: Annotated[Optional[list[Path]], typer.Option(help="Data source(s): metadata.csv, Kaggle folder, ieee8023 CSV.")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="HDF5 cache of images + lung masks (built if missing).")] = None,
-    seg_weights: Annotated[Optional[Path], typer.Option(help="Lung U-Net used to build the cache.")] = None,
-    folds: Annotated[Optional[int], typer.Option()] = None,
-    epochs: Annotated[Optional[int], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="'true' = torchvision ImageNet weights from $TORCH_HOME, or a checkpoint path.")] = None,
-    no_global: Annotated[bool, typer.Option("--no-global", help="Skip the whole-image baselines.")] = False,
-    device: Annotated[str, typer.Option()] = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    k: Annotated[Optional[int], typer.Option("--k", min=1, max=2000, help="Crops per image when voting (paper: 100).")] = None,
+    learner: Annotated[Optional[list[str]], typer.Option("--learner", help="Learner (repeatable); global-NAME for a "
+                                                         "whole-image learner. Default: the config's.")] = None,
+    set_: SetOpt = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild the cache and make a new split.")] = False,
+    restart: RestartOpt = False,
+    parallel: Annotated[str, typer.Option(help="Under torchrun: ddp (every rank trains each model together) or jobs "
+                                               "(each rank trains whole learners alone).")] = "ddp",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Train patch learners over patient-grouped folds; write out-of-fold and test vote distributions."""
-    _setup_logging(verbose)
-    with _user_errors():
+    """Train learners on in-lung patches (or whole images) over patient-grouped folds; write out-of-fold and test votes."""
+    with _guard("rerun the same command: finished folds are reused and the running one resumes from its checkpoint"):
+        dist = _dist_and_logging(device, verbose)
         from .config import load_config
-        from .cxr import DataError, build_cache, load_records
-        from .patch_train import train_patch_run
-        from .segment import DEFAULT_WEIGHTS, LungSegmenter
+        from .errors import ConfigError
+        from .patch_train import PatchTrainConfig, train_patch_run
+        from .runtime import resolve_precision
 
-        pre = {"true": True, "false": None, "none": None}.get(str(pretrained).lower(), pretrained) if pretrained else None
-        cfg = load_config(config, {"k": k, "data": [str(d) for d in data] if data else None,
-                                   "cache": str(cache) if cache else None, "folds": folds, "epochs": epochs, "seed": seed,
-                                   "pretrained": pre})
-        if learner:
-            cfg["learners"] = [n for n in learner if not n.startswith("global-")]
-            cfg["global_learners"] = [n[len("global-"):] for n in learner if n.startswith("global-")]
-        if no_global:
-            cfg["global_learners"] = []
-        _check_learners(cfg["learners"] + (cfg.get("global_learners") or []))
-        cfg["cache"] = str(_resolve_data(cfg["cache"]) if not Path(cfg["cache"]).is_absolute() else cfg["cache"])
-        cfg["data"] = [str(_resolve_data(d)) for d in cfg["data"]]
-        dev = _device(device)
-        cache_path = Path(cfg["cache"])
-        if not cache_path.exists():
-            try:
-                records = load_records(cfg["data"])
-            except DataError as exc:
-                raise UserError(str(exc)) from None
-            seg = LungSegmenter.from_pretrained(seg_weights or DEFAULT_WEIGHTS, device=dev)
-            console.print(f"building the cache {cache_path} ({len(records)} images; segmenting each once)")
-            with _progress() as progress:
-                _, errors = build_cache(records, seg, cache_path, track=_track_factory(progress))
-            for e in errors:
-                console.print(f"[red]✗[/] {e}")
-            if errors:
-                console.print(f"[yellow]{len(errors)} unreadable images left out of the cache[/]")
-        if not cfg.get("pretrained"):
+        if parallel not in ("ddp", "jobs"):
+            raise ConfigError(f"--parallel {parallel!r}: choose ddp or jobs")
+        cfg = load_config(PatchTrainConfig, config, sets=set_, overrides={"k": k, "learners": list(learner) if learner else None})
+        if not cfg.pretrained:
             console.print("[yellow]note:[/] learners start from random weights (no ImageNet checkpoint); "
-                          "pass --pretrained true with weights in $TORCH_HOME/hub/checkpoints for pretrained starts")
+                          "--set pretrained=true uses torchvision's from $TORCH_HOME/hub/checkpoints")
         with _progress() as progress:
-            results = train_patch_run(cfg, run_dir, device=__import__("torch").device(dev), track=_track_factory(progress))
-        table = Table(title=f"held-out test, mean (std) over {cfg['folds']} fold models, K={cfg['k']}")
-        table.add_column("learner")
-        from .cxr import CLASSES
+            track = _tracker(progress)
+            data = _load_cxr_data(cfg, _config_base(config), rebuild, dist, track)
+            results = train_patch_run(cfg, data, run_dir, dist, resolve_precision(precision, dist.device), restart,
+                                      rebuild, parallel, track)
+        if not dist.is_main:
+            return
+        from .data import CLASSES
 
+        table = Table(title=f"held-out test part, K={cfg.k}: refit model (mean of fold models)")
+        table.add_column("learner")
         for c in CLASSES:
             table.add_column(f"F1 {c}")
         table.add_column("macro-F1")
-        for spec, m in results.items():
-            s = m["test_summary"]
-            cells = [f"{s[f'per_class.{c}.f1']['mean']:.3f} ({s[f'per_class.{c}.f1']['std']:.3f})" for c in CLASSES]
-            table.add_row(spec, *cells, f"{s['macro_f1']['mean']:.3f} ({s['macro_f1']['std']:.3f})")
+        table.add_column("OOF macro-F1")
+        for name, m in results.items():
+            main = m.get("test_refit") or m["test_mean_of_fold_models"]
+            folds = m["test_mean_of_fold_models"]
+            table.add_row(name, *[f"{main['per_class'][c]['f1']:.3f}" for c in CLASSES],
+                          f"{main['macro_f1']:.3f} ({folds['macro_f1']:.3f})", f"{m['oof']['macro_f1']:.3f}")
         out.print(table)
-        out.print(f"run folder: {run_dir} (votes: <learner>/oof.npz, test.npz; metrics.json; confusion_test.png)")
+        out.print(f"run folder: {run_dir} (per learner: oof.npz, test.npz, metrics.json, confusion_test.png)")
 
 
-# --------------------------------------------------------------------------- ensemble + predict
+# --------------------------------------------------------------------------- ensemble
 
 
 @app.command()
 def ensemble(
     runs: Annotated[list[Path], typer.Argument(help="train-patch run folder(s) with <learner>/oof.npz and test.npz.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (weights, table, plots).")] = Path("runs/ensemble"),
-    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML path.")] = "ensemble_cpu",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (FLANNEL, table, claims, plots).")] = Path("runs/ensemble"),
+    config: Annotated[str, typer.Option(help="Config name (configs/NAME.yaml) or a YAML path.")] = "ensemble_cpu",
     learner: Annotated[Optional[list[str]], typer.Option("--learner", help="Restrict to these learners (repeatable).")] = None,
-    gamma: Annotated[Optional[float], typer.Option(help="Focal-loss γ (paper text 3, reference code 10).")] = None,
-    seeds: Annotated[Optional[int], typer.Option(help="Training seeds per trainable model.")] = None,
-    distribution: Annotated[Optional[str], typer.Option(help="soft (mean patch softmax) or hard (vote fractions).")] = None,
-    device: Annotated[str, typer.Option()] = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train FLANNEL on out-of-fold learner distributions, with every baseline, and evaluate on the held-out test part."""
     _setup_logging(verbose)
-    with _user_errors():
+    with _guard():
         from .config import load_config
-        from .ensemble_run import run_ensemble
+        from .ensemble_run import EnsembleConfig, run_ensemble
+        from .errors import DataError
+        from .runtime import resolve_device
 
-        cfg = load_config(config, {"gamma": gamma, "seeds": seeds, "distribution": distribution})
-        if learner:
-            cfg["learners"] = list(learner)
+        cfg = load_config(EnsembleConfig, config, sets=set_, overrides={"learners": list(learner) if learner else None})
         for r in runs:
             if not r.is_dir():
-                raise UserError(f"run folder {r} not found")
+                raise DataError(f"run folder {r} not found")
         with _progress() as progress:
-            run_ensemble(cfg, [r.resolve() for r in runs], out_dir, device=_device(device), track=_track_factory(progress))
-        out.print((out_dir / "table.md").read_text())
+            res = run_ensemble(cfg, [r.resolve() for r in runs], out_dir, device=resolve_device(device),
+                               track=_tracker(progress))
+        out.print((out_dir / "table.md").read_text(encoding="utf-8"))
         if (out_dir / "claims.md").exists():
-            out.print((out_dir / "claims.md").read_text())
-        out.print(f"ensemble folder: {out_dir} (flannel.safetensors, table.md, results.json/csv, plots)")
+            out.print((out_dir / "claims.md").read_text(encoding="utf-8"))
+        cal = res.get("calibration") or {}
+        if cal:
+            out.print(f"calibration (temperature {cal['temperature']:.3f}, fitted out of fold): test ECE "
+                      f"{cal['test_ece_raw']:.3f} → {cal['test_ece_calibrated']:.3f}")
+        out.print(f"ensemble folder: {out_dir}; ship it with `patchflannel export-ensemble {out_dir} --to DIR`")
 
 
 @app.command("export-ensemble")
-def export_ensemble_cmd(
+def export_ensemble(
     ensemble_dir: Annotated[Path, typer.Argument(help="An `ensemble` output folder.")],
-    to: Annotated[Path, typer.Option(help="Destination folder.")] = ROOT / "weights" / "ensemble",
-    full_precision: Annotated[bool, typer.Option(help="Store learner weights in float32 (default float16).")] = False,
+    to: Annotated[Path, typer.Option(help="Destination classifier folder (replaced whole), e.g. weights/ensemble.")],
+    members: Annotated[str, typer.Option(help="folds (each learner's fold models, averaged) or refit (one model "
+                                              "per learner retrained on all non-test images).")] = "folds",
+    half: Annotated[bool, typer.Option("--half/--full-precision", help="Store learner tensors as float16.")] = True,
 ) -> None:
-    """Ship a FLANNEL model with its learners' fold models (used by `predict`)."""
+    """Ship a FLANNEL model with its learners, segmenter reference and calibration as one classifier folder (used by `predict`)."""
     _setup_logging(False)
-    with _user_errors():
-        from .pipeline import export_ensemble
+    with _guard():
+        from .ensemble_run import export_classifier
 
-        from .card import write_model_card
+        dest = export_classifier(ensemble_dir, to, members=members, half=half)
+        out.print(f"exported the classifier to {dest} (load it with Classifier.from_pretrained or predict --weights)")
 
-        dest = export_ensemble(ensemble_dir, to, half=not full_precision)
-        out.print(f"exported FLANNEL and its learners to {dest}")
-        if dest.parent == ROOT / "weights":
-            out.print(f"model card: {write_model_card(dest.parent)}")
+
+# --------------------------------------------------------------------------- predict
+
+
+def _predict_columns(classes: tuple[str, ...]) -> list[str]:
+    return ["file", "name", "status", "error", "label", "confidence", *[f"p_{c}" for c in classes], "lung_fraction",
+            "mask_suspicious", "k", "seed"]
 
 
 @app.command()
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Radiograph files or folders.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
-    k: Annotated[int, typer.Option("--k", min=1, help="In-lung patches per image.")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the patch centres.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 4,
-    weights: Annotated[Optional[Path], typer.Option(help="Ensemble folder (flannel + learners).")] = None,
-    seg_weights: Annotated[Optional[Path], typer.Option(help="Lung U-Net weights.")] = None,
-    device: Annotated[str, typer.Option()] = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    inputs: Annotated[list[Path], typer.Argument(help="Radiograph files or folders (PNG, JPEG, DICOM, JSRT .IMG, …).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: predictions.csv, json/, overlays/.")] = Path("out"),
+    k: Annotated[Optional[int], typer.Option("--k", min=1, max=2000, help="In-lung crops per image (default: the weights').")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the crop centres (each image's crops also depend on its content only).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, max=64, help="Images per forward batch (1 measured fastest on 2 CPU cores).")] = 1,
+    weights: Annotated[str, typer.Option("--weights", help="Classifier folder or name (export-ensemble writes one).")] = "ensemble",
+    seg_weights: Annotated[Optional[str], typer.Option("--seg-weights", help="Lung U-Net (default: the one the classifier "
+                                                                           "was trained with).")] = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Whole pipeline: lung mask → K patches → learners → FLANNEL → OUT/predictions.csv, OUT/json/, OUT/overlays/."""
+    """Whole pipeline: lung mask → K in-lung crops → learners → FLANNEL → calibrated probabilities per image."""
     _setup_logging(verbose)
-    with _user_errors():
-        from .cxr import CLASSES
-        from .io import resize, write_png
-        from .pipeline import DEFAULT_ENSEMBLE, Pipeline
-        from .segment import DEFAULT_WEIGHTS, overlay
-        from .weights import atomic_write_text, write_json
+    with _guard():
+        from ._files import write_json
+        from .errors import ImageReadError
+        from .io import read_image, resize, write_png
+        from .outputs import OutputDir, unique_names
+        from .pipeline import Classifier
+        from .runtime import resolve_device
+        from .segment import overlay
 
         files = _input_files(inputs)
-        pipe = Pipeline.from_weights(weights or DEFAULT_ENSEMBLE, seg_weights or DEFAULT_WEIGHTS, device=_device(device))
-        names = _unique_names(files)
-        rows: list[str] = ["file,label," + ",".join(f"p_{c}" for c in CLASSES)]
-        results: list[dict[str, Any]] = []
-        t0 = time.perf_counter()
-        with _progress() as progress:
-            task = progress.add_task("predicting", total=len(files))
-            for ok, imgs in _read_batches(files, batch_size, results, progress, task):
-                for f, im, p in zip(ok, imgs, pipe.predict(imgs, k=k, seed=seed)):
-                    name = names[f]
-                    rows.append(f"{f},{p.label}," + ",".join(f"{v:.6f}" for v in p.probs))
-                    write_json(out_dir / "json" / f"{name}.json", {
-                        "file": str(f), "label": p.label, "probabilities": dict(zip(CLASSES, map(float, p.probs))),
-                        "k": k, "seed": seed, "lung_fraction": float(p.mask.mean()),
-                        "learners": {n: {"distribution": dict(zip(CLASSES, map(float, p.learner_probs[i]))),
-                                         "weight": float(p.learner_weights[i])} for i, n in enumerate(pipe.names)},
-                        "note": "research software, not a diagnostic device"})
-                    mask = resize(p.mask, im.shape, "nearest")
-                    write_png(out_dir / "overlays" / f"{name}.png", overlay(im, mask))
-                    results.append({"file": f, "status": "ok", "detail": f"{p.label} ({p.probs.max():.2f})  " +
-                                    " ".join(f"{c}={v:.2f}" for c, v in zip(CLASSES, p.probs))})
-                    progress.advance(task)
-        atomic_write_text(out_dir / "predictions.csv", "\n".join(rows) + "\n")
+        names = unique_names(files)
+        with OutputDir(out_dir, "predict", overwrite) as od:
+            od.inputs = [str(f) for f in files]
+            clf = Classifier.from_pretrained(weights, device=resolve_device(device), segmenter=seg_weights)
+            cols = _predict_columns(clf.classes)
+            kk = clf.default_k if k is None else k
+            results: list[dict[str, Any]] = []
+            t0 = time.perf_counter()
+            with _progress() as progress:
+                task = progress.add_task("predicting", total=len(files))
+                for start in range(0, len(files), batch_size):
+                    batch, images = [], []
+                    for f in files[start:start + batch_size]:
+                        try:
+                            images.append(read_image(f))
+                            batch.append(f)
+                        except ImageReadError as exc:
+                            console.print(f"[red]✗[/] {exc}", highlight=False)
+                            od.append_row("predictions.csv", {"file": str(f), "name": names[f], "status": "error",
+                                                              "error": exc.problem}, cols)
+                            results.append({"file": f, "status": "error", "detail": exc.problem})
+                            progress.advance(task)
+                    if not images:
+                        continue
+                    for f, im, p in zip(batch, images, clf.predict(images, k=kk, seed=seed, batch_size=batch_size)):
+                        name = names[f]
+                        ok = p.status == "ok"
+                        od.append_row("predictions.csv", {
+                            "file": str(f), "name": name, "status": p.status, "error": p.message,
+                            "label": p.label, "confidence": f"{p.confidence:.4f}" if ok else "",
+                            **{f"p_{c}": f"{v:.6f}" if ok else "" for c, v in zip(clf.classes, p.probs)},
+                            "lung_fraction": f"{p.quality.lung_fraction:.4f}", "mask_suspicious": int(p.quality.suspicious),
+                            "k": kk, "seed": seed}, cols)
+                        write_json(od.file("json", f"{name}.json"), {
+                            "file": str(f), "status": p.status, "message": p.message, "label": p.label,
+                            "probabilities": dict(zip(clf.classes, map(float, p.probs))) if ok else None,
+                            "probabilities_uncalibrated": dict(zip(clf.classes, map(float, p.raw_probs))) if ok else None,
+                            "calibration": clf.calibrator.to_dict(), "k": kk, "seed": seed,
+                            "mask": {"lung_fraction": p.quality.lung_fraction, "suspicious": p.quality.suspicious,
+                                     "reason": p.quality.reason},
+                            "learners": {n: {"distribution": dict(zip(clf.classes, map(float, p.learner_probs[i]))),
+                                             "weight": None if p.learner_weights is None else float(p.learner_weights[i])}
+                                         for i, n in enumerate(clf.names)},
+                            "crop_centres_1024": None if p.centres is None else p.centres.tolist(),
+                            "note": "research software, not a medical device"})
+                        write_png(od.file("overlays", f"{name}.png"), overlay(im, resize(p.mask, im.shape, "nearest")))
+                        if ok:
+                            detail = f"{p.label} ({p.confidence:.2f})  " + " ".join(
+                                f"{c}={v:.2f}" for c, v in zip(clf.classes, p.probs))
+                            if p.quality.suspicious:
+                                detail += f" [yellow](mask: {p.quality.reason})[/]"
+                            results.append({"file": f, "status": "ok", "detail": detail})
+                        else:
+                            console.print(f"[red]✗[/] {f}: {p.message}", highlight=False)
+                            results.append({"file": f, "status": p.status, "detail": p.message})
+                        progress.advance(task)
         elapsed = time.perf_counter() - t0
         _summary_table(results, "predict")
         n_ok = sum(r["status"] == "ok" for r in results)
-        out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K={k}) → {out_dir / 'predictions.csv'}, "
+        out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K={kk}) → {out_dir / 'predictions.csv'}, "
                   f"per-image JSON in {out_dir / 'json'}, overlays in {out_dir / 'overlays'}")
         out.print("[dim]research software: not for clinical use[/]")
         if n_ok < len(results):
             raise typer.Exit(1)
-
-
-def _check_learners(names: list[str]) -> None:
-    from .learners import list_learners
-
-    known = set(list_learners())
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise UserError(f"unknown learner(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}")
 
 
 def main() -> None:  # pragma: no cover

@@ -2,45 +2,51 @@
 
 Every combiner takes ``P: (B,N,M) float`` — for each of B images, the class
 distribution ``P_i ∈ R^M`` of each of N base learners — and returns scores
-``(B,M)``. The FLANNEL weight module learns one weight per learner *per image*
-from the learners' joint output; the baselines (soft/hard voting, stacking
-MLP) are here too so that all of them are trained and evaluated the same way
-by :func:`fit_combiner`.
+``z: (B,M)`` whose softmax is the prediction (:func:`combiner_logits`; FLANNEL
+also returns its per-image learner weights). The FLANNEL weight module learns
+one weight per learner *per image* from the learners' joint output; the
+baselines (soft/hard voting, stacking MLP) live here too, in one registry
+(:data:`COMBINERS`, :func:`build_combiner`), so that all of them are trained,
+evaluated, saved and loaded the same way.
 
-This module is a leaf: it imports torch and numpy only.
+Imports torch and numpy, and the weights format (:mod:`patchflannel.hub`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import WeightedRandomSampler
+
+from .errors import WeightsError
+from .hub import load_pretrained, load_state_dict, save_pretrained
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FitResult",
+    "COMBINERS",
     "FlannelWeights",
+    "HardVoting",
+    "SoftVoting",
     "StackingMLP",
+    "build_combiner",
     "class_balanced_alpha",
     "combiner_logits",
-    "fit_combiner",
     "focal_loss",
     "hard_vote",
+    "load_combiner",
     "macro_f1",
     "minority_class_weights",
+    "save_combiner",
     "soft_vote",
 ]
-
-LossName = Literal["focal", "ce", "weighted_ce"]
 
 
 def _check_P(P: Tensor, n_learners: int | None = None, n_classes: int | None = None) -> None:
@@ -270,14 +276,31 @@ def combiner_logits(model: nn.Module, P: Tensor) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-# --------------------------------------------------------------------------- #
-# Training
-# --------------------------------------------------------------------------- #
+class SoftVoting(nn.Module):
+    """Mean of the learners' distributions; scores ``log(mean P)``."""
+
+    def __init__(self, n_learners: int, n_classes: int) -> None:
+        super().__init__()
+        self.n_learners, self.n_classes = n_learners, n_classes
+
+    def forward(self, P: Tensor) -> Tensor:
+        _check_P(P, self.n_learners, self.n_classes)
+        return soft_vote(P).clamp_min(1e-8).log()
+
+
+class HardVoting(SoftVoting):
+    """Majority vote (ties by summed probability, see :func:`hard_vote`); scores ``log`` of that distribution."""
+
+    def forward(self, P: Tensor) -> Tensor:
+        _check_P(P, self.n_learners, self.n_classes)
+        return hard_vote(P).clamp_min(1e-8).log()
+
+
 def macro_f1(y_true: Tensor, y_pred: Tensor, n_classes: int) -> float:
     """Macro-F1 over all ``n_classes`` (absent classes count as F1 = 0).
 
     Same value as sklearn's ``f1_score(labels=range(M), average="macro",
-    zero_division=0)``; kept here so this module stays a torch-only leaf.
+    zero_division=0)``; kept here so that training loops need no sklearn.
     y_true, y_pred: (n,) int.
     """
     y_true = y_true.long().flatten().cpu()
@@ -289,182 +312,38 @@ def macro_f1(y_true: Tensor, y_pred: Tensor, n_classes: int) -> float:
     return float(f1.mean())
 
 
-@dataclass
-class FitResult:
-    """Outcome of :func:`fit_combiner`; ``model`` holds the best-validation state.
-
-    ``history`` has one entry per epoch in each of ``epoch`` (1-based),
-    ``train_loss``, ``val_loss`` and ``val_macro_f1``.
-    """
-
-    model: nn.Module
-    best_epoch: int
-    best_val_macro_f1: float
-    best_val_loss: float
-    stopped_early: bool
-    class_weights: Tensor | None = None
-    history: dict[str, list[float]] = field(default_factory=dict)
+#: Registry of combiners: name → class built as ``cls(n_learners, n_classes, **options)``.
+COMBINERS: dict[str, type[nn.Module]] = {
+    "flannel": FlannelWeights,
+    "stacking": StackingMLP,
+    "soft_voting": SoftVoting,
+    "hard_voting": HardVoting,
+}
 
 
-def _as_inputs(P: Tensor | np.ndarray, y: Tensor | np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
-    P_t = torch.as_tensor(P, dtype=torch.float32).to(device)
-    y_t = torch.as_tensor(y).long().to(device)
-    _check_P(P_t)
-    if y_t.shape != (P_t.shape[0],):
-        raise ValueError(f"labels must be ({P_t.shape[0]},) to match P, got {tuple(y_t.shape)}")
-    if y_t.numel() == 0:
-        raise ValueError("cannot fit or validate on zero samples")
-    if int(y_t.min()) < 0 or int(y_t.max()) >= P_t.shape[2]:
-        raise ValueError(f"labels must lie in [0, {P_t.shape[2]}), got [{int(y_t.min())}, {int(y_t.max())}]")
-    if not torch.isfinite(P_t).all():
-        raise ValueError("P contains NaN or inf; check the learners' outputs")
-    return P_t, y_t
+def build_combiner(name: str, n_learners: int, n_classes: int, **options: Any) -> nn.Module:
+    """A combiner from :data:`COMBINERS`; options left at None are dropped."""
+    try:
+        cls = COMBINERS[name]
+    except KeyError:
+        raise ValueError(f"unknown combiner {name!r}; valid names: {', '.join(COMBINERS)}") from None
+    return cls(n_learners, n_classes, **{k: v for k, v in options.items() if v is not None})
 
 
-@torch.no_grad()
-def _evaluate(
-    model: nn.Module, P: Tensor, y: Tensor, criterion_weights: Tensor | None, gamma: float, batch_size: int
-) -> tuple[float, float]:
-    model.eval()
-    z = torch.cat([combiner_logits(model, P[i : i + batch_size]) for i in range(0, P.shape[0], batch_size)])
-    loss = float(focal_loss(z, y, criterion_weights, gamma))
-    return loss, macro_f1(y, z.argmax(dim=1), P.shape[2])
+def save_combiner(model: nn.Module, directory: str | os.PathLike[str], name: str, options: dict[str, Any],
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Save a combiner (``config.json`` names it in :data:`COMBINERS` with its options)."""
+    cfg = {"task": "combiner", "combiner": name, "n_learners": int(model.n_learners),
+           "n_classes": int(model.n_classes), "options": options, **(extra or {})}
+    return save_pretrained(directory, model, cfg)
 
 
-def fit_combiner(
-    model: nn.Module,
-    P_train: Tensor | np.ndarray,
-    y_train: Tensor | np.ndarray,
-    P_val: Tensor | np.ndarray,
-    y_val: Tensor | np.ndarray,
-    *,
-    loss: LossName = "focal",
-    gamma: float = 2.0,
-    alpha: Tensor | Literal["balanced"] | None = "balanced",
-    beta: float = 2.0,
-    resample: bool = False,
-    epochs: int = 100,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    patience: int = 10,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> FitResult:
-    """Train a combiner with Adam and early stopping on validation macro-F1.
-
-    Args:
-        model: returns logits ``(B,M)`` or ``(z, w)`` from ``P: (B,N,M)``.
-            Construct it under a fixed ``torch.manual_seed`` for a reproducible
-            initialisation; ``seed`` here fixes batch order, resampling and
-            dropout (without touching the global RNG state).
-        P_train, P_val: (n,N,M) float learner distributions (out-of-fold!).
-        y_train, y_val: (n,) int class indices.
-        loss: ``"focal"`` (uses ``gamma`` and ``alpha``), ``"ce"`` (plain
-            cross-entropy) or ``"weighted_ce"`` (cross-entropy with
-            :func:`minority_class_weights` of ``y_train`` and ``beta``).
-            All reduce by the mean over the batch.
-        alpha: focal only — ``"balanced"`` for :func:`class_balanced_alpha` of
-            ``y_train``, an (M,) tensor used as given, or ``None`` (ones).
-        resample: draw each epoch's n training samples with replacement with
-            probability ∝ 1/count(class) (``WeightedRandomSampler``).
-        patience: stop after this many epochs without a better validation
-            macro-F1 (ties broken by lower validation loss).
-        device: everything runs there; inputs may live anywhere.
-
-    Returns:
-        :class:`FitResult` whose ``model`` has the best epoch's state loaded
-        and is in eval mode.
-    """
-    if loss not in ("focal", "ce", "weighted_ce"):
-        raise ValueError(f"loss must be one of 'focal', 'ce', 'weighted_ce', got {loss!r}")
-    if epochs < 1 or batch_size < 1 or patience < 1:
-        raise ValueError(f"epochs, batch_size and patience must be >= 1, got {epochs}, {batch_size}, {patience}")
-    device = torch.device(device)
-    P_tr, y_tr = _as_inputs(P_train, y_train, device)
-    P_va, y_va = _as_inputs(P_val, y_val, device)
-    n_classes = P_tr.shape[2]
-    if P_va.shape[1:] != P_tr.shape[1:]:
-        raise ValueError(f"train P is (n,{P_tr.shape[1]},{P_tr.shape[2]}) but val P is {tuple(P_va.shape)}")
-
-    # One loss function for all three options: CE is the focal loss with γ = 0
-    # and α = 1, weighted CE the same with per-class weights — so all reduce
-    # by the plain batch mean, as the focal loss does.
-    weights: Tensor | None
-    if loss == "focal":
-        if isinstance(alpha, str):
-            if alpha != "balanced":
-                raise ValueError(f"alpha must be 'balanced', a tensor or None, got {alpha!r}")
-            weights = class_balanced_alpha(y_tr, n_classes)
-        else:
-            weights = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
-        g = float(gamma)
-    elif loss == "weighted_ce":
-        weights, g = minority_class_weights(y_tr, n_classes, beta), 0.0
-    else:
-        weights, g = None, 0.0
-    if loss != "focal" and isinstance(alpha, Tensor):
-        logger.warning("alpha is only used by loss='focal'; ignoring it for loss=%r", loss)
-    if weights is not None:
-        weights = weights.to(device)
-
-    gen = torch.Generator().manual_seed(seed)
-    n = P_tr.shape[0]
-    sampler: WeightedRandomSampler | None = None
-    if resample:
-        counts = torch.bincount(y_tr.cpu(), minlength=n_classes).double()
-        sample_w = (1.0 / counts.clamp_min(1))[y_tr.cpu()]
-        sampler = WeightedRandomSampler(sample_w, num_samples=n, replacement=True, generator=gen)
-
-    model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "val_loss": [], "val_macro_f1": []}
-    best = (-math.inf, math.inf)  # (macro-F1, val loss); compare F1 first
-    best_state = copy.deepcopy(model.state_dict())
-    best_epoch, since_best, stopped_early = 0, 0, False
-
-    cuda_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(seed)
-        for epoch in range(1, epochs + 1):
-            model.train()
-            order = torch.tensor(list(sampler)) if sampler is not None else torch.randperm(n, generator=gen)
-            order = order.to(device)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                batch_loss = focal_loss(combiner_logits(model, P_tr[idx]), y_tr[idx], weights, g)
-                if not torch.isfinite(batch_loss):
-                    raise FloatingPointError(
-                        f"non-finite training loss at epoch {epoch}; lower lr (now {lr}) or check P for NaN"
-                    )
-                opt.zero_grad(set_to_none=True)
-                batch_loss.backward()
-                opt.step()
-                total += float(batch_loss.detach()) * idx.numel()
-            val_loss, val_f1 = _evaluate(model, P_va, y_va, weights, g, max(batch_size, 1024))
-            for key, value in zip(history, (epoch, total / n, val_loss, val_f1)):
-                history[key].append(float(value))
-            logger.debug("epoch %d train %.4f val %.4f macro-F1 %.4f", epoch, total / n, val_loss, val_f1)
-
-            if val_f1 > best[0] or (val_f1 == best[0] and val_loss < best[1]):
-                best, best_epoch, since_best = (val_f1, val_loss), epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                since_best += 1
-                if since_best >= patience:
-                    stopped_early = True
-                    break
-
-    model.load_state_dict(best_state)
-    model.eval()
-    logger.info("best epoch %d of %d: val macro-F1 %.4f, val loss %.4f", best_epoch, epoch, best[0], best[1])
-    return FitResult(
-        model=model,
-        best_epoch=best_epoch,
-        best_val_macro_f1=best[0],
-        best_val_loss=best[1],
-        stopped_early=stopped_early,
-        class_weights=None if weights is None else weights.cpu(),
-        history=history,
-    )
+def load_combiner(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a combiner saved by :func:`save_combiner` (eval mode) and its config."""
+    state, cfg = load_pretrained(path, task="combiner")
+    try:
+        model = build_combiner(cfg["combiner"], int(cfg["n_learners"]), int(cfg["n_classes"]), **(cfg.get("options") or {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a usable combiner config ({exc})") from None
+    load_state_dict(model, state, path)
+    return model.to(device).eval(), cfg

@@ -17,7 +17,7 @@ Output folder written by :func:`run_ensemble`::
     OUT/results.csv              one line per row × metric: mean, std, n
     OUT/claims.md                automatically computed statements (FLANNEL vs baselines, source confound)
     OUT/predictions_test.npz     test ids, labels, learners' P (mean of fold models), each row's probabilities
-    OUT/flannel.safetensors/.json  FLANNEL (focal), first seed; load with :func:`load_flannel`
+    OUT/flannel/                 FLANNEL (focal), first seed (config.json + model.safetensors); :func:`load_flannel`
     OUT/*.png                    confusion matrices, ROC/PR, learner weights, training history
 
 Rerunning overwrites every file atomically; all training is small MLPs on
@@ -27,35 +27,46 @@ Rerunning overwrites every file atomically; all training is small MLPs on
 from __future__ import annotations
 
 import logging
+import copy
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 import yaml
+from pydantic import Field
 from torch import Tensor, nn
+from torch.utils.data import WeightedRandomSampler
 
-from .cxr import check_grouped, inner_validation
+from ._files import write_csv, write_json, write_npz, write_text
+from .config import Section
+from .data import check_grouped, inner_validation
+from .errors import ConfigError, DataError
 from .ensemble import (
-    FitResult,
     FlannelWeights,
     StackingMLP,
+    _check_P,
     class_balanced_alpha,
-    fit_combiner,
+    combiner_logits,
+    focal_loss,
     hard_vote,
+    macro_f1,
+    minority_class_weights,
+    load_combiner,
+    save_combiner,
     soft_vote,
 )
-from .metrics import atomic_path, classification_report_dict, format_table, summarise, write_csv, write_json
-from .weights import load_weights, save_weights
+from .metrics import classification_report_dict, format_table, summarise
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULTS",
+    "EnsembleConfig",
     "LearnerSet",
     "Votes",
     "find_learners",
@@ -74,22 +85,193 @@ GLOBAL_PREFIX = "global-"
 # Below this many adult non-COVID test images the source-confound rate is not interpreted.
 MIN_CONFOUND_N = 10
 
-DEFAULTS: dict[str, Any] = {
-    "learners": None,
-    "distribution": "soft",
-    "gamma": 3.0,
-    "beta": 2.0,
-    "seeds": 3,
-    "epochs": 300,
-    "lr": 3e-3,
-    "batch_size": 64,
-    "patience": 30,
-    "val_frac": 0.2,
-    "hidden": None,
-    "weight_decay": 0.0,
-    "stacking_width": 64,
-    "seed": 0,
-}
+
+
+LossName = Literal["focal", "ce", "weighted_ce"]
+
+
+# --------------------------------------------------------------------------- fitting a combiner (training only)
+
+
+@dataclass
+class FitResult:
+    """Outcome of :func:`fit_combiner`; ``model`` holds the best-validation state.
+
+    ``history`` has one entry per epoch in each of ``epoch`` (1-based),
+    ``train_loss``, ``val_loss`` and ``val_macro_f1``.
+    """
+
+    model: nn.Module
+    best_epoch: int
+    best_val_macro_f1: float
+    best_val_loss: float
+    stopped_early: bool
+    class_weights: Tensor | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _as_inputs(P: Tensor | np.ndarray, y: Tensor | np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+    P_t = torch.as_tensor(P, dtype=torch.float32).to(device)
+    y_t = torch.as_tensor(y).long().to(device)
+    _check_P(P_t)
+    if y_t.shape != (P_t.shape[0],):
+        raise ValueError(f"labels must be ({P_t.shape[0]},) to match P, got {tuple(y_t.shape)}")
+    if y_t.numel() == 0:
+        raise ValueError("cannot fit or validate on zero samples")
+    if int(y_t.min()) < 0 or int(y_t.max()) >= P_t.shape[2]:
+        raise ValueError(f"labels must lie in [0, {P_t.shape[2]}), got [{int(y_t.min())}, {int(y_t.max())}]")
+    if not torch.isfinite(P_t).all():
+        raise ValueError("P contains NaN or inf; check the learners' outputs")
+    return P_t, y_t
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, P: Tensor, y: Tensor, criterion_weights: Tensor | None, gamma: float, batch_size: int
+) -> tuple[float, float]:
+    model.eval()
+    z = torch.cat([combiner_logits(model, P[i : i + batch_size]) for i in range(0, P.shape[0], batch_size)])
+    loss = float(focal_loss(z, y, criterion_weights, gamma))
+    return loss, macro_f1(y, z.argmax(dim=1), P.shape[2])
+
+
+def fit_combiner(
+    model: nn.Module,
+    P_train: Tensor | np.ndarray,
+    y_train: Tensor | np.ndarray,
+    P_val: Tensor | np.ndarray,
+    y_val: Tensor | np.ndarray,
+    *,
+    loss: LossName = "focal",
+    gamma: float = 2.0,
+    alpha: Tensor | Literal["balanced"] | None = "balanced",
+    beta: float = 2.0,
+    resample: bool = False,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    patience: int = 10,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> FitResult:
+    """Train a combiner with Adam and early stopping on validation macro-F1.
+
+    Args:
+        model: returns logits ``(B,M)`` or ``(z, w)`` from ``P: (B,N,M)``.
+            Construct it under a fixed ``torch.manual_seed`` for a reproducible
+            initialisation; ``seed`` here fixes batch order, resampling and
+            dropout (without touching the global RNG state).
+        P_train, P_val: (n,N,M) float learner distributions (out-of-fold!).
+        y_train, y_val: (n,) int class indices.
+        loss: ``"focal"`` (uses ``gamma`` and ``alpha``), ``"ce"`` (plain
+            cross-entropy) or ``"weighted_ce"`` (cross-entropy with
+            :func:`minority_class_weights` of ``y_train`` and ``beta``).
+            All reduce by the mean over the batch.
+        alpha: focal only — ``"balanced"`` for :func:`class_balanced_alpha` of
+            ``y_train``, an (M,) tensor used as given, or ``None`` (ones).
+        resample: draw each epoch's n training samples with replacement with
+            probability ∝ 1/count(class) (``WeightedRandomSampler``).
+        patience: stop after this many epochs without a better validation
+            macro-F1 (ties broken by lower validation loss).
+        device: everything runs there; inputs may live anywhere.
+
+    Returns:
+        :class:`FitResult` whose ``model`` has the best epoch's state loaded
+        and is in eval mode.
+    """
+    if loss not in ("focal", "ce", "weighted_ce"):
+        raise ValueError(f"loss must be one of 'focal', 'ce', 'weighted_ce', got {loss!r}")
+    if epochs < 1 or batch_size < 1 or patience < 1:
+        raise ValueError(f"epochs, batch_size and patience must be >= 1, got {epochs}, {batch_size}, {patience}")
+    device = torch.device(device)
+    P_tr, y_tr = _as_inputs(P_train, y_train, device)
+    P_va, y_va = _as_inputs(P_val, y_val, device)
+    n_classes = P_tr.shape[2]
+    if P_va.shape[1:] != P_tr.shape[1:]:
+        raise ValueError(f"train P is (n,{P_tr.shape[1]},{P_tr.shape[2]}) but val P is {tuple(P_va.shape)}")
+
+    # One loss function for all three options: CE is the focal loss with γ = 0
+    # and α = 1, weighted CE the same with per-class weights — so all reduce
+    # by the plain batch mean, as the focal loss does.
+    weights: Tensor | None
+    if loss == "focal":
+        if isinstance(alpha, str):
+            if alpha != "balanced":
+                raise ValueError(f"alpha must be 'balanced', a tensor or None, got {alpha!r}")
+            weights = class_balanced_alpha(y_tr, n_classes)
+        else:
+            weights = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
+        g = float(gamma)
+    elif loss == "weighted_ce":
+        weights, g = minority_class_weights(y_tr, n_classes, beta), 0.0
+    else:
+        weights, g = None, 0.0
+    if loss != "focal" and isinstance(alpha, Tensor):
+        logger.warning("alpha is only used by loss='focal'; ignoring it for loss=%r", loss)
+    if weights is not None:
+        weights = weights.to(device)
+
+    gen = torch.Generator().manual_seed(seed)
+    n = P_tr.shape[0]
+    sampler: WeightedRandomSampler | None = None
+    if resample:
+        counts = torch.bincount(y_tr.cpu(), minlength=n_classes).double()
+        sample_w = (1.0 / counts.clamp_min(1))[y_tr.cpu()]
+        sampler = WeightedRandomSampler(sample_w, num_samples=n, replacement=True, generator=gen)
+
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "val_loss": [], "val_macro_f1": []}
+    best = (-math.inf, math.inf)  # (macro-F1, val loss); compare F1 first
+    best_state = copy.deepcopy(model.state_dict())
+    best_epoch, since_best, stopped_early = 0, 0, False
+
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            model.train()
+            order = torch.tensor(list(sampler)) if sampler is not None else torch.randperm(n, generator=gen)
+            order = order.to(device)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                batch_loss = focal_loss(combiner_logits(model, P_tr[idx]), y_tr[idx], weights, g)
+                if not torch.isfinite(batch_loss):
+                    raise FloatingPointError(
+                        f"non-finite training loss at epoch {epoch}; lower lr (now {lr}) or check P for NaN"
+                    )
+                opt.zero_grad(set_to_none=True)
+                batch_loss.backward()
+                opt.step()
+                total += float(batch_loss.detach()) * idx.numel()
+            val_loss, val_f1 = _evaluate(model, P_va, y_va, weights, g, max(batch_size, 1024))
+            for key, value in zip(history, (epoch, total / n, val_loss, val_f1)):
+                history[key].append(float(value))
+            logger.debug("epoch %d train %.4f val %.4f macro-F1 %.4f", epoch, total / n, val_loss, val_f1)
+
+            if val_f1 > best[0] or (val_f1 == best[0] and val_loss < best[1]):
+                best, best_epoch, since_best = (val_f1, val_loss), epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    stopped_early = True
+                    break
+
+    model.load_state_dict(best_state)
+    model.eval()
+    logger.info("best epoch %d of %d: val macro-F1 %.4f, val loss %.4f", best_epoch, epoch, best[0], best[1])
+    return FitResult(
+        model=model,
+        best_epoch=best_epoch,
+        best_val_macro_f1=best[0],
+        best_val_loss=best[1],
+        stopped_early=stopped_early,
+        class_weights=None if weights is None else weights.cpu(),
+        history=history,
+    )
 
 
 def _no_track(it: Iterable[T], description: str = "", total: int | None = None) -> Iterable[T]:
@@ -99,30 +281,36 @@ def _no_track(it: Iterable[T], description: str = "", total: int | None = None) 
 # --------------------------------------------------------------------------- config
 
 
-def resolve_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``cfg`` with every missing key from :data:`DEFAULTS`, checked; unknown keys are kept (and logged)."""
-    out = {**DEFAULTS, **{k: v for k, v in (cfg or {}).items()}}
-    unknown = sorted(set(out) - set(DEFAULTS) - {"runs"})
-    if unknown:
-        logger.warning("ensemble config keys not used by run_ensemble: %s", ", ".join(unknown))
-    if out["distribution"] not in ("soft", "hard"):
-        raise ValueError(f"distribution must be 'soft' or 'hard', got {out['distribution']!r}")
-    for key in ("seeds", "epochs", "batch_size", "patience", "stacking_width"):
-        out[key] = int(out[key])
-        if out[key] < 1:
-            raise ValueError(f"{key} must be >= 1, got {out[key]}")
-    for key in ("gamma", "beta", "lr", "val_frac", "weight_decay"):
-        out[key] = float(out[key])
-    if out["gamma"] < 0 or out["beta"] <= 0 or out["lr"] <= 0:
-        raise ValueError(f"need gamma >= 0, beta > 0, lr > 0; got {out['gamma']}, {out['beta']}, {out['lr']}")
-    if not 0.0 < out["val_frac"] < 1.0:
-        raise ValueError(f"val_frac must lie in (0, 1), got {out['val_frac']}")
-    if out["hidden"] is not None:
-        out["hidden"] = int(out["hidden"])
-    out["seed"] = int(out["seed"])
-    if out["learners"] is not None:
-        out["learners"] = [str(n) for n in out["learners"]]
-    return out
+class EnsembleConfig(Section):
+    """``configs/ensemble_cpu.yaml``; unknown keys are refused (a typo is an error, not a silent default)."""
+
+    learners: list[str] | None = None
+    distribution: Literal["soft", "hard"] = "soft"
+    gamma: float = Field(default=3.0, ge=0)
+    beta: float = Field(default=2.0, gt=0)
+    seeds: int = Field(default=3, ge=1)
+    epochs: int = Field(default=300, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    patience: int = Field(default=30, ge=1)
+    val_frac: float = Field(default=0.2, gt=0, lt=1)
+    hidden: int | None = Field(default=None, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    stacking_width: int = Field(default=64, ge=1)
+    seed: int = Field(default=0, ge=0)
+
+
+DEFAULTS: dict[str, Any] = EnsembleConfig().model_dump()
+
+
+def resolve_config(cfg: Mapping[str, Any] | EnsembleConfig | None) -> dict[str, Any]:
+    """``cfg`` checked against :class:`EnsembleConfig` (missing keys take its defaults) as a plain dict."""
+    from .config import validate_config
+
+    if isinstance(cfg, EnsembleConfig):
+        return cfg.model_dump()
+    raw = {k: v for k, v in (cfg or {}).items() if k != "runs"}
+    return validate_config(EnsembleConfig, raw, "ensemble config").model_dump()
 
 
 # --------------------------------------------------------------------------- votes
@@ -171,12 +359,12 @@ def find_learners(run_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Path]
     found: list[tuple[Path, Path]] = []
     for run in map(Path, run_dirs):
         if not run.is_dir():
-            raise FileNotFoundError(f"run folder {run} not found")
+            raise DataError(f"run folder {run} not found")
         found += [(run, sub) for sub in sorted(run.iterdir())
                   if sub.is_dir() and (sub / "oof.npz").is_file() and (sub / "test.npz").is_file()]
     if not found:
         where = ", ".join(str(r) for r in run_dirs) or "(no run folders given)"
-        raise FileNotFoundError(f"no learner folders with oof.npz and test.npz in {where}; "
+        raise DataError(f"no learner folders with oof.npz and test.npz in {where}; "
                                 "run `patchflannel train-patch` first")
     counts: dict[str, int] = {}
     for _, sub in found:
@@ -185,7 +373,7 @@ def find_learners(run_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Path]
     for run, sub in found:
         name = sub.name if counts[sub.name] == 1 else f"{run.name}/{sub.name}"
         if name in out:
-            raise ValueError(f"learner {name!r} appears twice ({out[name]} and {sub}); "
+            raise DataError(f"learner {name!r} appears twice ({out[name]} and {sub}); "
                              "give the run folders distinct names")
         out[name] = sub
     return out
@@ -198,14 +386,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in _OOF_KEYS if k not in z.files]
         if missing:
-            raise ValueError(f"{path} lacks {missing}; rerun train-patch with this version to rewrite its vote files")
+            raise DataError(f"{path} lacks {missing}; rerun train-patch with this version to rewrite its vote files")
         return {k: z[k] for k in z.files}
 
 
 def _sorted_by_id(d: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
     ids = d["ids"].astype(str)
     if len(np.unique(ids)) != len(ids):
-        raise ValueError(f"{path}: image ids are not unique")
+        raise DataError(f"{path}: image ids are not unique")
     order = np.argsort(ids, kind="stable")
     n = len(ids)
     return {k: (v[order] if v.ndim >= 1 and v.shape[0] == n and k != "classes" else v) for k, v in d.items()}
@@ -217,7 +405,7 @@ def _check_same_ids(ref: np.ndarray, ids: np.ndarray, name: str, ref_name: str, 
     a, b = set(ref.tolist()), set(ids.tolist())
     missing, extra = sorted(a - b), sorted(b - a)
     example = (missing or extra or ["?"])[0]
-    raise ValueError(
+    raise DataError(
         f"learner {name!r}: its {part} image ids differ from those of {ref_name!r} "
         f"({len(missing)} missing, {len(extra)} extra, e.g. {example!r}); "
         "ensemble only learners trained on the same split (same data and seed)")
@@ -246,7 +434,7 @@ def load_votes(
             fold models differ from the first learner's.
     """
     if distribution not in ("soft", "hard"):
-        raise ValueError(f"distribution must be 'soft' or 'hard', got {distribution!r}")
+        raise DataError(f"distribution must be 'soft' or 'hard', got {distribution!r}")
     available = find_learners(run_dirs)
     if learners is None:
         names = [n for n in available if not _is_global(n)] + [n for n in available if _is_global(n)]
@@ -256,12 +444,12 @@ def load_votes(
             match = [n for n in available if n == want] or [n for n in available if n.rsplit("/", 1)[-1] == want]
             if len(match) != 1:
                 why = "is ambiguous" if match else "was not found"
-                raise ValueError(f"learner {want!r} {why}; available: {', '.join(available)}")
+                raise DataError(f"learner {want!r} {why}; available: {', '.join(available)}")
             if match[0] in names:
-                raise ValueError(f"learner {want!r} is listed twice")
+                raise DataError(f"learner {want!r} is listed twice")
             names.append(match[0])
     if not names:
-        raise ValueError("no learners selected")
+        raise DataError("no learners selected")
 
     P_oof, P_test, ks = [], [], {}
     ref: dict[str, Any] = {}
@@ -274,23 +462,23 @@ def load_votes(
         po = np.asarray(oof[distribution], dtype=np.float32)
         pt = np.asarray(test[distribution], dtype=np.float32)
         if po.shape != (len(ids_o), len(classes)) or pt.ndim != 3 or pt.shape[::2] != (len(ids_t), len(classes)):
-            raise ValueError(f"learner {name!r}: {distribution} votes have shapes {po.shape} (oof) and {pt.shape} "
+            raise DataError(f"learner {name!r}: {distribution} votes have shapes {po.shape} (oof) and {pt.shape} "
                              f"(test); expected (n,{len(classes)}) and (t,F,{len(classes)})")
         if not (np.isfinite(po).all() and np.isfinite(pt).all()):
-            raise ValueError(f"learner {name!r}: {distribution} votes contain NaN or inf")
+            raise DataError(f"learner {name!r}: {distribution} votes contain NaN or inf")
         if not ref:
             ref = {"name": name, "classes": classes, "oof": oof, "test": test, "F": pt.shape[1]}
         else:
             if classes != ref["classes"] or [str(c) for c in test["classes"]] != ref["classes"]:
-                raise ValueError(f"learner {name!r} has classes {classes}, {ref['name']!r} has {ref['classes']}")
+                raise DataError(f"learner {name!r} has classes {classes}, {ref['name']!r} has {ref['classes']}")
             _check_same_ids(ref["oof"]["ids"].astype(str), ids_o, name, ref["name"], "out-of-fold")
             _check_same_ids(ref["test"]["ids"].astype(str), ids_t, name, ref["name"], "test")
             for part, key, d in (("out-of-fold", "oof", oof), ("test", "test", test)):
                 bad = int((d["y"] != ref[key]["y"]).sum())
                 if bad:
-                    raise ValueError(f"learner {name!r}: {bad} {part} labels differ from {ref['name']!r}'s")
+                    raise DataError(f"learner {name!r}: {bad} {part} labels differ from {ref['name']!r}'s")
             if pt.shape[1] != ref["F"]:
-                raise ValueError(f"learner {name!r} has test votes from {pt.shape[1]} fold models, {ref['name']!r} "
+                raise DataError(f"learner {name!r} has test votes from {pt.shape[1]} fold models, {ref['name']!r} "
                                  f"from {ref['F']}; every run must use the same number of folds")
         P_oof.append(po)
         P_test.append(pt)
@@ -572,15 +760,27 @@ def _claims_md(res: dict[str, Any], row_fl: str, best: str, best_test: str, covi
 # --------------------------------------------------------------------------- writing helpers
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> dict[str, Any]:
+    """Temperature for the shipped FLANNEL (first seed) fitted on the ensemble-validation part of the
+    out-of-fold votes (never on test); ECE/Brier on the test votes (mean of fold models) before and after."""
+    from .calibrate import brier_score, expected_calibration_error, fit_calibrator
 
-
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    # A file object: given a path, np.savez would append ".npz" to the temp name.
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+    model = row.fits[0].model.cpu().eval()
+    with torch.no_grad():
+        z_va = combiner_logits(model, torch.as_tensor(oof.P[va][:, row.learners], dtype=torch.float32)).double()
+        z_te = combiner_logits(model, torch.as_tensor(test.P.mean(1)[:, row.learners], dtype=torch.float32)).double()
+    cal = fit_calibrator(z_va, oof.y[va], "temperature")
+    raw = torch.softmax(z_te, 1).numpy()
+    calibrated = torch.softmax(cal(z_te), 1).numpy()
+    summary = {**cal.to_dict(), "fitted_on": f"ensemble-validation part of the out-of-fold votes ({len(va)} images)",
+               "test_ece_raw": expected_calibration_error(raw, test.y),
+               "test_ece_calibrated": expected_calibration_error(calibrated, test.y),
+               "test_brier_raw": brier_score(raw, test.y), "test_brier_calibrated": brier_score(calibrated, test.y),
+               "test_mean_confidence_raw": float(raw.max(1).mean()),
+               "test_mean_confidence_calibrated": float(calibrated.max(1).mean()),
+               "test_accuracy": float((raw.argmax(1) == test.y).mean())}
+    write_json(out / "calibration.json", summary)
+    return summary
 
 
 def _weight_stats(ws: list[np.ndarray], names: list[str]) -> dict[str, Any]:
@@ -620,10 +820,10 @@ def run_ensemble(
     lset, oof, test = load_votes(run_dirs, cfg["learners"], cfg["distribution"])
     lowered = [c.lower() for c in lset.classes]
     if POSITIVE not in lowered:
-        raise ValueError(f"the vote files' classes {lset.classes} have no {POSITIVE!r} class")
+        raise DataError(f"the vote files' classes {lset.classes} have no {POSITIVE!r} class")
     covid = lowered.index(POSITIVE)
     if not lset.indices(global_=False):
-        raise ValueError(f"no patch learners among {lset.names}: FLANNEL needs at least one")
+        raise DataError(f"no patch learners among {lset.names}: FLANNEL needs at least one")
     warnings: list[str] = []
     shared = set(oof.patients.tolist()) & set(test.patients.tolist())
     if shared:
@@ -631,7 +831,7 @@ def run_ensemble(
                         f"(e.g. {min(shared)!r}): the test set is not patient-disjoint")
         logger.warning("%s", warnings[-1])
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
 
     # ---- ensemble-train / validation split of the OOF images, grouped by patient
     tr, va = inner_validation(list(range(len(oof.ids))), oof.y, oof.patients, cfg["val_frac"], cfg["seed"])
@@ -652,6 +852,7 @@ def run_ensemble(
         ev.rows.append(_evaluate_row(row, lset, oof, test, device, ev))
 
     results = _results(cfg, lset, oof, test, tr, va, alpha, rows, ev, covid, warnings)
+    results["calibration"] = _calibrate(out, next(r for r in rows if r.key == "flannel_focal"), oof, test, va)
     _write_outputs(out, results, lset, test, rows, ev)
     f1 = {r["key"]: r["summary"]["macro_f1"] for r in results["rows"]}
     logger.info("ensemble: FLANNEL (focal) macro-F1 %.3f ± %.3f (best single %s %.3f, soft voting %.3f); wrote %s",
@@ -789,13 +990,13 @@ def _write_outputs(out: Path, results: dict[str, Any], lset: LearnerSet, test: V
                f"{cfg['seeds']} seeds for trained rows, over {n_folds} fold models otherwise. Learners: "
                f"{', '.join(lset.names)}; {lset.distribution} distributions; K = "
                f"{', '.join(f'{n}: {k}' for n, k in lset.k.items())} patches per image.\n")
-    _write_text(out / "table.md", table + caption)
+    write_text(out / "table.md", table + caption)
     write_json(out / "results.json", results)
     write_csv(out / "results.csv", [{"model": r["name"], "key": r["key"], "metric": k, "mean": v["mean"],
                                      "std": v["std"], "n": v["n"]}
                                     for r in ev.rows for k, v in r["summary"].items()])
-    _write_text(out / "claims.md", _claims_md(results, fl["name"], best["name"], best_test["name"], covid_name))
-    _write_npz(out / "predictions_test.npz", ids=test.ids, y=test.y, sources=test.sources,
+    write_text(out / "claims.md", _claims_md(results, fl["name"], best["name"], best_test["name"], covid_name))
+    write_npz(out / "predictions_test.npz", ids=test.ids, y=test.y, sources=test.sources,
                classes=np.array(classes), learners=np.array(lset.names), P_mean_of_fold_models=test.P.mean(axis=1),
                row_keys=np.array([r["key"] for r in ev.rows]), row_names=np.array([r["name"] for r in ev.rows]),
                flannel_focal_weights=ev.flannel_w_mean if ev.flannel_w_mean is not None else np.zeros((0,)),
@@ -803,7 +1004,7 @@ def _write_outputs(out: Path, results: dict[str, Any], lset: LearnerSet, test: V
 
     ks = sorted({lset.k[n] for n in patch_names})
     sidecar = {
-        "task": "flannel_ensemble", "learners": patch_names, "classes": classes, "distribution": lset.distribution,
+        "learners": patch_names, "classes": classes, "distribution": lset.distribution,
         "k": ks[0] if len(ks) == 1 else {n: lset.k[n] for n in patch_names},
         "n_learners": len(patch_names), "n_classes": len(classes), "hidden": cfg["hidden"], "gamma": cfg["gamma"],
         "alpha": results["alpha"], "source_runs": cfg["runs"], "seed": fl_row.seeds[0],
@@ -815,7 +1016,7 @@ def _write_outputs(out: Path, results: dict[str, Any], lset: LearnerSet, test: V
                  "output softmax(z) with (z, w) = model(P)",
         "training_data": {k: results["n_images"][k] for k in ("oof", "ensemble_train", "ensemble_val")},
     }
-    save_weights(fl_row.fits[0].model, out / "flannel", sidecar)
+    save_combiner(fl_row.fits[0].model, out / "flannel", "flannel", {"hidden": cfg["hidden"]}, sidecar)
     _plots(out, results, ev.mean_proba, test.y, classes, covid_name, best, ev.flannel_w_mean, patch_names, fl_row)
 
 
@@ -858,18 +1059,82 @@ def _plots(out: Path, results: dict[str, Any], mean_proba: dict[str, np.ndarray]
 # --------------------------------------------------------------------------- loading
 
 
-def load_flannel(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> tuple[FlannelWeights, dict[str, Any]]:
-    """Rebuild a saved FLANNEL weight module (eval mode) and its sidecar.
+def load_flannel(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The FLANNEL module an ensemble run saved in ``OUT/flannel`` (eval mode) and its config.
 
-    ``path``: ``OUT/flannel`` or ``OUT/flannel.safetensors``. Use it as
-    ``z, w = model(P)`` with ``P: (B, n_learners, n_classes)`` float32 in the
-    sidecar's learner order; the prediction is ``softmax(z)``.
+    Use it as ``z, w = model(P)`` with ``P: (B, n_learners, n_classes)`` float32 in the
+    config's learner order; the prediction is ``softmax(z)``.
     """
-    state, sidecar = load_weights(path, device=device)
-    if sidecar.get("task") != "flannel_ensemble":
-        raise ValueError(f"{path}: sidecar task is {sidecar.get('task')!r}, not 'flannel_ensemble'")
-    model = FlannelWeights(int(sidecar["n_learners"]), int(sidecar["n_classes"]), sidecar.get("hidden"))
-    model.load_state_dict(state)
-    return model.to(device).eval(), sidecar
+    return load_combiner(path, device)
+
+
+# --------------------------------------------------------------------------- shipping
+
+
+def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathLike[str], members: str = "folds",
+                      half: bool = True) -> Path:
+    """Build the :class:`~patchflannel.pipeline.Classifier` an ensemble run describes and save it to ``dest``.
+
+    ``members="folds"``: each learner's fold models (``RUN/<learner>/fold<f>/best``, every fold the
+    learner's ``test.npz`` lists; a missing one is an error, nothing is globbed) — FLANNEL then sees
+    the mean of the fold models, as in the ensemble report's "mean of fold models" evaluation.
+    ``members="refit"``: the one model refit on every non-test image (``RUN/<learner>/refit/best``).
+    The destination is replaced whole (no file of an earlier export remains).
+    """
+    from ._files import file_sha256
+    from .calibrate import Calibrator
+    from .hub import WEIGHTS_NAME, resolve_weights
+    from .learners import Learner
+    from .pipeline import Classifier
+    from .segment import LungSegmenter
+
+    if members not in ("folds", "refit"):
+        raise ConfigError(f"members must be 'folds' or 'refit', got {members!r}")
+    src = Path(ensemble_dir)
+    try:
+        cfg = yaml.safe_load((src / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise DataError(f"{src}: not an ensemble output folder (config.yaml: {exc})") from None
+    combiner, ccfg = load_combiner(src / "flannel")
+    names = [str(n) for n in ccfg["learners"]]
+    available = find_learners(cfg["runs"])
+    learners: dict[str, list[Learner]] = {}
+    run_cfg: dict[str, Any] = {}
+    for name in names:
+        folder = available.get(name)
+        if folder is None:
+            raise DataError(f"learner {name} of {src / 'flannel'} is not in the runs {cfg['runs']}")
+        run_cfg = yaml.safe_load((folder.parent / "config.yaml").read_text(encoding="utf-8")) or {}
+        if members == "refit":
+            dirs = [("refit", folder / "refit" / "best")]
+        else:
+            with np.load(folder / "test.npz", allow_pickle=False) as z:
+                folds = [int(f) for f in z["fold_ids"]] if "fold_ids" in z.files else list(range(z["soft"].shape[1]))
+            dirs = [(f"fold{f}", folder / f"fold{f}" / "best") for f in folds]
+        learners[name] = []
+        for member, d in dirs:
+            if not (d / WEIGHTS_NAME).is_file():
+                raise DataError(f"{d}: model {member} of learner {name} is missing"
+                                + (" (train-patch with train.refit=true writes it)" if members == "refit" else ""))
+            m = Learner.from_pretrained(d)
+            m.info["member"] = member
+            learners[name].append(m)
+    seg_ref = str((run_cfg.get("data") or {}).get("segmenter", "lung_unet"))
+    seg_path = resolve_weights(seg_ref, option="data.segmenter in the train-patch config")
+    seg_file = seg_path / WEIGHTS_NAME if seg_path.is_dir() else seg_path.with_suffix(".safetensors")
+    segmenter = LungSegmenter.from_pretrained(seg_path)
+    k = ccfg.get("k", 100)
+    config = {"classes": list(ccfg["classes"]), "learners": names, "distribution": ccfg.get("distribution", "soft"),
+              "combiner": "flannel", "combiner_options": {"hidden": ccfg.get("options", {}).get("hidden")},
+              "segmenter": {"name": seg_ref, "convention": "scr", "sha256": file_sha256(seg_file)},
+              "defaults": {"k": int(k) if isinstance(k, int) else 100},
+              "training": {"ensemble_dir": str(src.resolve()), "runs": cfg["runs"], "members": members,
+                           "combiner": {key: ccfg.get(key) for key in ("gamma", "alpha", "seed", "best_epoch",
+                                                                        "val_macro_f1", "test_macro_f1", "training_data")}}}
+    calib = Calibrator.from_dict(None)
+    if (src / "calibration.json").exists():
+        import json
+
+        calib = Calibrator.from_dict(json.loads((src / "calibration.json").read_text()))
+    clf = Classifier(segmenter, learners, combiner, calib, config)
+    return clf.save_pretrained(dest, half=half)

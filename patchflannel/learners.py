@@ -1,11 +1,17 @@
-"""Base learners: a registry of torchvision backbones and one factory.
+"""Base learners: a registry of torchvision backbones, one factory, and the inputs they see.
 
 ``create_learner(name)`` builds any registered backbone with an ``num_classes``
 head, wrapped in :class:`Learner`, which takes gray (or RGB) crops as float in
 [0,1] and does the channel repeat and ImageNet normalisation itself, so callers
 never normalise. Each registry entry is a :class:`LearnerSpec` that carries the
-learner's data config (input size, mean/std, interpolation), in the spirit of
-timm's ``PretrainedCfg``.
+backbone's data config (input size, mean/std, interpolation), in the spirit of
+timm's ``PretrainedCfg``; each trained learner carries its :class:`InputSpec`
+(patch or whole image, field of view, resolution, masking) and class names,
+saved beside its weights by :meth:`Learner.save_pretrained`.
+
+:func:`make_inputs` is the one function that turns work images (1024² uint8)
+and lung masks into what a learner sees — in training, out-of-fold voting and
+``predict`` alike — so the three can never drift apart.
 
 Weights never download: ``pretrained=True`` reads torchvision's file from the
 torch hub cache (``$TORCH_HOME/hub/checkpoints/``) and fails with a message
@@ -17,29 +23,34 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
-from .weights import WeightsNotFoundError, load_state
+from .errors import WeightsError, WeightsNotFoundError
+from .hub import load_pretrained, load_state_dict, save_pretrained
+from .sampler import extract_patches, image_generators, sample_centres
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LEARNERS",
+    "InputSpec",
     "Learner",
     "LearnerSpec",
     "create_learner",
     "learner_info",
     "list_learners",
     "load_backbone_state_dict",
+    "make_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -164,8 +175,122 @@ def learner_info(name: str) -> LearnerSpec:
         raise ValueError(f"unknown learner {name!r}; valid names: {', '.join(LEARNERS)}") from None
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What one learner sees, from a 1024² work image and its lung mask; saved with its weights.
+
+    ``mode="patch"``: K crops whose centres lie inside the lungs, each covering
+    ``patch_size`` px of the 1024² image (the field of view), seen at
+    ``learner_input`` px (the image is area-shrunk once by
+    ``patch_size / learner_input``, then cropped); with ``mask_outside`` the
+    pixels outside the lungs are 0. ``mode="global"``: the whole image
+    area-resized to ``global_size`` (lungs only when ``mask_outside``).
+    ``normalise="lung_zscore"`` maps each image's intensities so that its lung
+    pixels have mean 0.5 and standard deviation 0.2 (clipped to [0,1]) — the
+    same radiograph from different devices then looks alike.
+    """
+
+    mode: Literal["patch", "global"] = "patch"
+    patch_size: int = 224
+    learner_input: int = 112
+    global_size: int = 224
+    mask_outside: bool = True
+    normalise: Literal["none", "lung_zscore"] = "none"
+    work_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("patch", "global"):
+            raise ValueError(f"mode must be 'patch' or 'global', got {self.mode!r}")
+        if self.mode == "patch" and (self.patch_size % self.learner_input or self.learner_input < 16):
+            raise ValueError(f"patch_size {self.patch_size} must be a multiple of learner_input {self.learner_input} (≥ 16)")
+        if self.normalise not in ("none", "lung_zscore"):
+            raise ValueError(f"normalise must be 'none' or 'lung_zscore', got {self.normalise!r}")
+
+    @property
+    def factor(self) -> int:
+        """Integer shrink factor between the 1024² image and the crops (patch mode)."""
+        return self.patch_size // self.learner_input
+
+    @property
+    def side(self) -> int:
+        """Side of the learner's input in pixels."""
+        return self.learner_input if self.mode == "patch" else self.global_size
+
+    def crops_key(self) -> tuple[Any, ...]:
+        """Learners with equal keys can share one set of crops."""
+        return (self.mode, self.patch_size, self.learner_input, self.global_size, self.mask_outside, self.normalise)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shrink(images: Tensor, masks: Tensor, factor: int) -> tuple[Tensor, Tensor]:
+    """Area-shrink ``images (B,1,H,W) uint8`` and ``masks (B,1,H,W) bool`` by an integer ``factor``
+    (a mask pixel is lung when at least half its block is)."""
+    if factor == 1:
+        return images, masks
+    img = F.avg_pool2d(images.float(), factor).round_().to(torch.uint8)
+    msk = F.avg_pool2d(masks.float(), factor) >= 0.5
+    return img, msk
+
+
+def lung_zscore(images: Tensor, masks: Tensor) -> Tensor:
+    """Per image: intensities mapped so that lung pixels have mean 0.5, std 0.2 (uint8 in, uint8 out)."""
+    x = images.float()
+    m = masks.float()
+    n = m.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
+    mean = (x * m).sum(dim=(1, 2, 3), keepdim=True) / n
+    var = (((x - mean) * m) ** 2).sum(dim=(1, 2, 3), keepdim=True) / n
+    # Images without lung pixels keep their intensities.
+    has = (n > 1).float()
+    std = var.sqrt().clamp_min(1.0)
+    z = (x - mean) / std * 0.2 * 255 + 0.5 * 255
+    return (has * z + (1 - has) * x).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def make_inputs(images: Tensor, masks: Tensor, spec: InputSpec, k: int = 1, seeds: Sequence[int] | None = None,
+                generators: Sequence[torch.Generator] | None = None, with_masks: bool = False
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Work images and lung masks → a learner's inputs.
+
+    Args:
+        images: (B,1,W,W) uint8 work images (W = ``spec.work_size``).
+        masks: (B,1,W,W) bool lung masks.
+        k: crops per image (patch mode).
+        seeds / generators: one per image; each image's crops depend only on
+            its own seed (or generator state), never on the other images.
+            Pass generators to continue a stream in chunks (sequential voting).
+        with_masks: also return the crops' lung masks (training re-masks after augmentation).
+
+    Returns:
+        ``(x, centres, crop_masks)``: x (B,K,1,P,P) float [0,1] (K = 1 in
+        global mode), centres (B,K,2) int64 at work-image coordinates (None in
+        global mode), crop masks (B,K,1,P,P) bool or None.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"images must be (B,1,H,W) uint8 work images, got {tuple(images.shape)} {images.dtype}")
+    if spec.normalise == "lung_zscore":
+        images = lung_zscore(images, masks)
+    if spec.mode == "global":
+        img = images
+        if spec.mask_outside:
+            img = torch.where(masks, images, torch.zeros((), dtype=torch.uint8, device=images.device))
+        x = F.interpolate(img.float(), size=(spec.global_size, spec.global_size), mode="area").div_(255.0)
+        cm = None
+        if with_masks:
+            cm = F.interpolate(masks.float(), size=(spec.global_size, spec.global_size), mode="area").unsqueeze(1) >= 0.5
+        return x.unsqueeze(1), None, cm
+    small, small_masks = shrink(images, masks, spec.factor)
+    if generators is None:
+        generators = image_generators(seeds if seeds is not None else [0] * images.shape[0])
+    centres = sample_centres(small_masks, k, generator=list(generators))
+    crops = extract_patches(small, centres, size=spec.learner_input, masks=small_masks if spec.mask_outside else None)
+    cm = extract_patches(small_masks.to(torch.uint8), centres, size=spec.learner_input).bool() if with_masks else None
+    return crops.float().div_(255.0), centres * spec.factor, cm
+
+
 class Learner(nn.Module):
-    """A torchvision backbone behind a fixed input contract.
+    """A torchvision backbone behind a fixed input contract, with its classes and :class:`InputSpec`.
 
     forward: x (N,in_chans,H,W) float in [0,1], H,W >= ``spec.min_input_size``
     → logits (N,num_classes) in x's dtype. Gray input is repeated to 3
@@ -173,7 +298,9 @@ class Learner(nn.Module):
     here, once, so the same crops feed every learner.
     """
 
-    def __init__(self, backbone: nn.Module, spec: LearnerSpec, num_classes: int, in_chans: int = 1) -> None:
+    def __init__(self, backbone: nn.Module, spec: LearnerSpec, num_classes: int, in_chans: int = 1,
+                 classes: Sequence[str] | None = None, input_spec: InputSpec | None = None,
+                 info: dict[str, Any] | None = None) -> None:
         super().__init__()
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 (gray) or 3 (RGB), got {in_chans}")
@@ -181,10 +308,20 @@ class Learner(nn.Module):
         self.spec = spec
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.classes = tuple(classes) if classes is not None else tuple(f"class{i}" for i in range(num_classes))
+        if len(self.classes) != num_classes:
+            raise ValueError(f"{len(self.classes)} class names for {num_classes} outputs")
+        self.input_spec = input_spec or InputSpec()
+        self.info = dict(info or {})
         # Non-persistent: constants of the contract, not learnt weights, so a
         # state dict holds only backbone.* keys.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def name(self) -> str:
+        """``NAME`` for patch learners, ``global-NAME`` for whole-image ones."""
+        return self.spec.name if self.input_spec.mode == "patch" else f"global-{self.spec.name}"
 
     @property
     def classifier(self) -> nn.Module:
@@ -192,19 +329,41 @@ class Learner(nn.Module):
         return self.backbone.get_submodule(self.spec.head)
 
     def data_config(self) -> dict[str, Any]:
-        """JSON-ready description of the expected input (for weight sidecars)."""
+        """JSON-ready description of the model and its expected input (saved as its config)."""
+        side = self.input_spec.side
         return {
+            "task": "cxr_learner",
             "architecture": self.spec.name,
+            "classes": list(self.classes),
             "num_classes": self.num_classes,
             "in_chans": self.in_chans,
-            "input_size": [self.in_chans, 224, 224],
-            "native_input_size": [3, self.spec.input_size, self.spec.input_size],
+            "input": self.input_spec.to_dict(),
+            "input_size": [self.in_chans, side, side],
             "min_input_size": self.spec.min_input_size,
             "input_range": [0.0, 1.0],
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
-            "interpolation": self.spec.interpolation,
+            **self.info,
         }
+
+    def save_pretrained(self, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+        """``DIR/config.json`` (architecture, classes, input spec, …) + ``DIR/model.safetensors``."""
+        return save_pretrained(directory, self, {**self.data_config(), **(extra or {})})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Learner:
+        """Rebuild a learner saved by :meth:`save_pretrained` (float16 tensors are loaded as float32)."""
+        state, cfg = load_pretrained(path, task="cxr_learner")
+        try:
+            spec = learner_info(cfg["architecture"])
+            input_spec = InputSpec(**cfg["input"])
+            info = {k: v for k, v in cfg.items() if k in ("training", "metrics", "member")}
+            model = create_learner(spec.name, num_classes=int(cfg["num_classes"]), in_chans=int(cfg.get("in_chans", 1)),
+                                   classes=cfg["classes"], input_spec=input_spec, info=info)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a usable learner config ({exc})") from None
+        load_state_dict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, path)
+        return model.to(device).eval()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -297,7 +456,11 @@ def load_backbone_state_dict(backbone: nn.Module, state: Mapping[str, Tensor], s
         problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:5]}")
     if problems:
         raise ValueError(f"{source} does not fit {spec.name}: " + "; ".join(problems))
-    load_state(backbone, to_load, strict=False)  # keeps module versions (MNASNet needs them)
+    meta = getattr(backbone.state_dict(), "_metadata", None)
+    if meta is not None:  # keeps module versions (MNASNet needs them)
+        to_load = type(backbone.state_dict())(to_load)
+        to_load._metadata = meta  # type: ignore[attr-defined]
+    backbone.load_state_dict(to_load, strict=False)
     if skipped_head:
         logger.info("%s: head %s skipped (class count differs); it keeps its fresh init", source, skipped_head)
     logger.info("loaded %d tensors into %s from %s", len(to_load), spec.name, source)
@@ -330,6 +493,9 @@ def create_learner(
     num_classes: int = 4,
     in_chans: int = 1,
     pretrained: bool | str | os.PathLike[str] = False,
+    classes: Sequence[str] | None = None,
+    input_spec: InputSpec | None = None,
+    info: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Learner:
     """Build a registered learner: (N,in_chans,H,W) float [0,1] → (N,num_classes) logits.
@@ -378,4 +544,5 @@ def create_learner(
         backbone.classifier[2] = nn.Identity()
     if state is not None:
         load_backbone_state_dict(backbone, state, spec, source)
-    return Learner(backbone, spec, num_classes=num_classes, in_chans=in_chans)
+    return Learner(backbone, spec, num_classes=num_classes, in_chans=in_chans, classes=classes, input_spec=input_spec,
+                   info=info)

@@ -9,16 +9,9 @@ prints them like the FLANNEL paper's Table 3.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-from io import StringIO
-import json
 import logging
 import math
-import os
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,13 +25,10 @@ from sklearn.metrics import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "atomic_path",
     "classification_report_dict",
     "flatten_report",
     "format_table",
     "summarise",
-    "write_csv",
-    "write_json",
 ]
 
 
@@ -272,74 +262,3 @@ def format_table(
     for name, summary in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(summary, k) for _, k in columns) + " |")
     return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- #
-# Atomic writers
-# --------------------------------------------------------------------------- #
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path in ``path``'s directory; on success rename it to ``path``.
-
-    Readers never see a half-written file, and a failed write leaves any
-    previous file untouched (the temp file is removed).
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name rather than mkstemp: mkstemp creates the file 0600, and the
-    # rename would carry that mode over to the result.
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: str | os.PathLike[str], text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def _jsonable(obj: Any) -> Any:
-    # Strict JSON has no NaN/Infinity: write null so any reader can load it.
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented strict JSON (NaN/inf → null, numpy → Python), atomically."""
-    _write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
-
-
-def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write dict rows as CSV, atomically. Columns: union of keys in first-seen order.
-
-    Missing values and None are written as empty cells, NaN as ``nan``.
-    """
-    columns: dict[str, None] = {}
-    for row in rows:
-        columns.update(dict.fromkeys(row))
-    buf = StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    _write_text(path, buf.getvalue())

@@ -1,159 +1,201 @@
-"""Train base learners on in-lung patches (or whole images) over patient-grouped
-folds, and produce each image's class distribution from K patch votes.
+"""Training base learners on in-lung patches (or whole images) over patient-grouped folds,
+and their out-of-fold and held-out votes.
 
 Run folder written by :func:`train_patch_run`::
 
-    RUN/config.yaml                resolved config
-    RUN/split.json                 ids of the held-out test part and of each fold (grouped by patient)
-    RUN/<learner>/fold<f>/         checkpoint.pt (every epoch), best.safetensors+json, history.csv, done.json
-    RUN/<learner>/oof.npz          out-of-fold distributions of every non-test image  (the ensemble's training data)
-    RUN/<learner>/test.npz         test distributions from every fold model
-    RUN/<learner>/votes_oof.csv, votes_test.csv   the same, human-readable (test: mean over fold models)
-    RUN/<learner>/metrics.json     per fold-model test metrics, mean ± std; confusion_test.png
+    RUN/config.yaml                 resolved config
+    RUN/split.json                  held-out test ids, fold ids (grouped by patient, near-duplicates merged),
+                                    and the fingerprint of the data they were made from
+    RUN/<learner>/fold<f>/          checkpoint.pt (every epoch), history.csv, best/ (a Learner folder), done.json
+    RUN/<learner>/refit/            the learner retrained on every non-test image (what ships), same files
+    RUN/<learner>/oof.npz           out-of-fold distributions of every non-test image (the ensemble's training data)
+    RUN/<learner>/test.npz          held-out distributions: each fold model's, and the refit model's
+    RUN/<learner>/metrics.json      test metrics of each fold model, their mean, the refit model; OOF metrics
 
-Vote files (``numpy.savez``; classes in ``classes``):
-
-* ``oof.npz``: ``ids (n,) str, y (n,) int64, fold (n,) int64, soft (n,M), hard (n,M),
-  patients (n,) str, sources (n,) str, classes (M,) str, k ()`` —
-  each image's distribution from the fold model that never saw its patient.
-* ``test.npz``: ``ids (t,), y (t,), soft (t,F,M), hard (t,F,M), patients, sources, classes, k``
-  — from each of the F fold models.
-
-``soft`` is the mean patch softmax, ``hard`` the fraction of the K patches voting for
-each class. Global learners (``global-<name>``) see the whole image at the learner's
-input size once (K = 1).
+Vote files (``numpy.savez``; class names in ``classes``): ``oof.npz`` has ``ids, y, fold, soft (n,M),
+hard (n,M), groups, patients, sources, age_groups, views, findings, classes, k``; ``test.npz`` the same
+keys with ``soft``/``hard`` of shape ``(t,F,M)`` (one slice per fold model) plus ``soft_refit``/``hard_refit``
+``(t,M)`` when a refit model exists. ``soft`` is the mean patch softmax, ``hard`` the fraction of the K
+patches voting for each class; crops are drawn exactly as ``predict`` draws them (same seed rule).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import random
-import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 
-from .cxr import CLASSES, CxrData, inner_validation
-from .weights import atomic_write_text, load_state, load_weights, save_weights, write_json
+from ._files import write_json, write_npz
+from .config import Section, config_to_yaml
+from .data import CLASSES, CxrData, check_grouped, inner_validation, make_splits
+from .errors import DataError, ResumeError
+from .learners import InputSpec, Learner, create_learner, list_learners, make_inputs
+from .pipeline import image_seed
+from .runtime import Dist
+from .training import LoopSettings, Trainer, Track, epoch_batches, item_seed, no_track
+from .vote import predict_distribution, vote
 
 log = logging.getLogger(__name__)
-Track = Callable[[Iterable[Any], str, int | None], Iterable[Any]]
+
+GLOBAL_PREFIX = "global-"
 
 
-def _no_track(it: Iterable[Any], description: str = "", total: int | None = None) -> Iterable[Any]:
-    return it
+# --------------------------------------------------------------------------- config
 
 
-# --------------------------------------------------------------------------- inputs
+class PatchDataConfig(Section):
+    sources: list[str] = ["../shared/data/cxr"]  # metadata.csv folders, Kaggle folders, ieee8023 CSVs; jsrt:PATH adds JSRT normals
+    cache: str = "runs/cache/cxr_1024.h5"  # work images + lung masks, built once with `segmenter`
+    segmenter: str = "lung_unet"
+    exclude_findings: list[str] = []  # e.g. [pneumocystis, aspergillosis]: leave those images out
+    dedup: bool = True  # merge near-identical images of different patients into one group before splitting
+    train_only: list[str] = []  # sources added to every training part, never validated or tested on (e.g. jsrt:PATH)
+    train_only_holdout: float = Field(default=0.3, ge=0, lt=1)  # share of them held out as an external check set
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Radiograph-safe jitter on ``(N,1,P,P)`` float [0,1]: flips, brightness,
-    contrast, gamma — all batched."""
-    n = x.shape[0]
-    dev = x.device
+class PatchSplitConfig(Section):
+    test_frac: float = Field(default=0.2, gt=0, lt=0.5)
+    folds: int = Field(default=3, ge=2, le=20)
+    val_frac: float = Field(default=0.15, gt=0, lt=0.5)
+    run_folds: list[int] | None = None  # screening: train only these folds (no refit, no complete OOF votes)
+
+
+class PatchInputConfig(Section):
+    patch_size: int = Field(default=224, ge=16, le=1024)  # crop field of view at 1024²
+    learner_input: int = Field(default=112, ge=16, le=1024)  # crop side fed to the learner
+    global_size: int = Field(default=224, ge=32, le=1024)  # whole-image side for global-NAME learners
+    mask_outside: bool = True  # patches: zero the image outside the lungs
+    mask_global: bool = False  # global learners: lungs only
+    normalise: Literal["none", "lung_zscore"] = "none"
+
+    @model_validator(mode="after")
+    def _multiple(self) -> PatchInputConfig:
+        if self.patch_size % self.learner_input:
+            raise ValueError(f"patch_size {self.patch_size} must be a multiple of learner_input {self.learner_input}")
+        return self
+
+
+class PatchTrainSection(Section):
+    epochs: int = Field(default=40, ge=1)
+    patience: int = Field(default=12, ge=1)
+    batch_size: int = Field(default=64, ge=1)  # crops per global step (patch) / images per step (global)
+    patches_per_image: int = Field(default=8, ge=1)  # fresh random in-lung crops per image per step
+    lr: float = Field(default=1e-3, gt=0)
+    lr_patience: int = Field(default=4, ge=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    bn_momentum: float | None = Field(default=0.1, gt=0, le=1)  # null = the backbone's own
+    sampling: Literal["none", "class", "class_age"] = "class"  # balanced sampling: by class, or by class × age group
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    augment: float = Field(default=1.0, ge=0, le=2)  # strength of the intensity jitter (and global affine)
+    refit: bool = True  # after the folds, retrain on every non-test image for median(best epochs) epochs: what ships
+
+
+class PatchTrainConfig(Section):
+    """``configs/patch_cpu.yaml`` and friends; see the comments there."""
+
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    data: PatchDataConfig = PatchDataConfig()
+    split: PatchSplitConfig = PatchSplitConfig()
+    input: PatchInputConfig = PatchInputConfig()
+    learners: list[str] = ["shufflenet_v2_x1_0"]  # NAME = patch learner, global-NAME = whole-image learner
+    pretrained: str | None = None  # null = random init; "true" = torchvision ImageNet weights from $TORCH_HOME; or a path
+    k: int = Field(default=100, ge=1, le=2000)  # crops per image when voting (out-of-fold and test)
+    k_val: int = Field(default=16, ge=1, le=2000)  # crops per image for early stopping
+    train: PatchTrainSection = PatchTrainSection()
+
+    @field_validator("learners")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        known = set(list_learners())
+        bad = [n for n in v if n.removeprefix(GLOBAL_PREFIX) not in known]
+        if bad:
+            raise ValueError(f"unknown learner(s) {bad}; choose from {sorted(known)} (global-NAME for whole-image)")
+        if len(set(v)) != len(v):
+            raise ValueError("a learner is listed twice")
+        if not v:
+            raise ValueError("no learners")
+        return v
+
+
+def input_spec(name: str, cfg: PatchTrainConfig) -> InputSpec:
+    i = cfg.input
+    if name.startswith(GLOBAL_PREFIX):
+        return InputSpec("global", i.patch_size, i.learner_input, i.global_size, i.mask_global, i.normalise)
+    return InputSpec("patch", i.patch_size, i.learner_input, i.global_size, i.mask_outside, i.normalise)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, strength: float, global_mode: bool) -> torch.Tensor:
+    """Radiograph-safe jitter of ``(N,1,P,P)`` float [0,1], batched: horizontal flips, brightness,
+    contrast, gamma; for whole images also a small rotation, scale and shift."""
+    n, dev = x.shape[0], x.device
+    if strength <= 0:
+        return x
 
     def u(lo: float, hi: float) -> torch.Tensor:
         return (lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=gen)).to(dev)
 
     flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    if global_mode:
+        ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(7 * strength)
+        scale = 1 + (torch.rand(n, generator=gen) * 2 - 1) * 0.08 * strength
+        shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.05 * strength
+        cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    s = strength
     mean = x.mean(dim=(2, 3), keepdim=True)
-    x = (x - mean) * u(0.85, 1.15) + mean + u(-0.08, 0.08)
-    x = x.clamp(0, 1).pow(u(0.8, 1.25))
-    return x
-
-
-def patch_scale(patch_size: int, learner_input: int) -> int:
-    """Integer factor between the crop's field of view and the learner's input."""
-    if patch_size % learner_input:
-        raise ValueError(f"patch_size {patch_size} must be a multiple of learner_input {learner_input}")
-    return patch_size // learner_input
-
-
-def downscale(images: torch.Tensor, masks: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Area-shrink ``images (B,1,H,W) uint8`` and ``masks (B,1,H,W) bool`` by an
-    integer ``factor`` (a mask pixel is lung when at least half its block is)."""
-    if factor == 1:
-        return images, masks
-    img = F.avg_pool2d(images.float(), factor).round_().to(torch.uint8)
-    msk = F.avg_pool2d(masks.float(), factor) >= 0.5
-    return img, msk
-
-
-class InputMaker:
-    """Makes the learner's inputs for images ``idx``: K in-lung crops
-    (``patch``) or the whole image resized (``global``).
-
-    With ``learner_input`` < ``patch_size`` (CPU configs), the images are
-    shrunk once by ``patch_size / learner_input`` and crops of
-    ``learner_input`` are taken there: the field of view of a ``patch_size``
-    crop at 1024², at the learner's resolution."""
-
-    def __init__(self, data: CxrData, mode: str, patch_size: int, global_size: int, mask_outside: bool,
-                 device: torch.device, learner_input: int | None = None) -> None:
-        self.data, self.mode, self.patch_size, self.mask_outside, self.device = data, mode, patch_size, mask_outside, device
-        self.learner_input = learner_input or patch_size
-        self.factor = patch_scale(patch_size, self.learner_input)
-        if mode == "patch" and self.factor > 1:
-            # Shrink every image once, then crop at the learner's size: the same
-            # field of view as a patch_size crop, without resizing every crop.
-            parts = [downscale(data.images[i:i + 32], data.masks[i:i + 32], self.factor) for i in range(0, len(data.ids), 32)]
-            self.images = torch.cat([p[0] for p in parts])
-            self.masks = torch.cat([p[1] for p in parts])
-        else:
-            self.images, self.masks = data.images, data.masks
-        if mode == "global":
-            # Whole images at the learner's size, computed once (area-averaged from 1024²).
-            small = [F.interpolate(data.images[i:i + 32].float() / 255.0, size=(global_size, global_size), mode="area")
-                     for i in range(0, len(data.ids), 32)]
-            self.global_images = torch.cat(small)
-
-    def make(self, idx: np.ndarray | list[int], k: int, gen: torch.Generator) -> torch.Tensor:
-        """→ ``(B,K,1,P,P)`` float [0,1] on the device (K = 1 for global)."""
-        from .sampler import sample_patches
-
-        idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        if self.mode == "global":
-            return self.global_images[idx_t].unsqueeze(1).to(self.device)
-        images = self.images[idx_t].to(self.device)
-        masks = self.masks[idx_t].to(self.device)
-        crops, _ = sample_patches(images, masks, k, size=self.learner_input, generator=gen, mask_outside=self.mask_outside)
-        return crops.float().div_(255.0)
-
-
-def make_input_maker(data: CxrData, mode: str, cfg: dict[str, Any], device: torch.device) -> InputMaker:
-    return InputMaker(data, mode, int(cfg["patch_size"]), int(cfg["global_size"]), bool(cfg["mask_outside"]), device,
-                      cfg.get("learner_input"))
+    x = (x - mean) * u(1 - 0.15 * s, 1 + 0.15 * s) + mean + u(-0.08 * s, 0.08 * s)
+    return x.clamp(0, 1).pow(u(1 - 0.2 * s, 1 + 0.25 * s))
 
 
 # --------------------------------------------------------------------------- votes
 
 
 @torch.inference_mode()
-def distributions(model: torch.nn.Module, maker: InputMaker, idx: list[int], k: int, seed: int, batch_images: int = 4,
-                  chunk: int = 128, track: Track = _no_track, what: str = "voting") -> tuple[np.ndarray, np.ndarray]:
-    """Each image's ``(soft, hard)`` distributions ``(n,M)`` from K votes."""
-    from .vote import predict_distribution, vote
-
-    gen = torch.Generator().manual_seed(seed)
-    k_eff = 1 if maker.mode == "global" else k
-    model.eval()
+def votes(model: Learner, data: CxrData, idx: Sequence[int], k: int, seed: int, dist: Dist | None = None,
+          batch_images: int = 8, chunk: int = 256, track: Track = no_track, what: str = "voting") -> tuple[np.ndarray, np.ndarray]:
+    """``(soft, hard)`` distributions ``(n,M)`` of images ``idx`` from K crops each, drawn exactly as
+    ``predict`` draws them (:func:`patchflannel.pipeline.image_seed`). Under torchrun the images are
+    shared out over the ranks and gathered."""
+    dist = dist or Dist()
+    spec = model.input_spec
+    kk = k if spec.mode == "patch" else 1
+    mine = list(idx)[dist.rank::dist.world]
     soft, hard = [], []
-    starts = range(0, len(idx), batch_images)
+    starts = range(0, len(mine), batch_images)
     for s in track(starts, what, len(starts)):
-        x = maker.make(idx[s:s + batch_images], k_eff, gen)
-        logits = predict_distribution(model, x, chunk_size=chunk)
-        h, p = vote(logits)
+        sel = torch.as_tensor(mine[s:s + batch_images])
+        work, masks = data.images[sel], data.masks[sel]
+        seeds = [image_seed(w, seed) for w in work[:, 0].numpy()]
+        x, _, _ = make_inputs(work.to(dist.device), masks.to(dist.device), spec, kk, seeds=seeds)
+        h, p = vote(predict_distribution(model, x, chunk_size=chunk))
         soft.append(p.cpu().numpy())
         hard.append(h.cpu().numpy())
-    return np.concatenate(soft), np.concatenate(hard)
+    m = model.num_classes
+    local = (np.concatenate(soft) if soft else np.zeros((0, m), np.float32), np.concatenate(hard) if hard else np.zeros((0, m), np.float32))
+    if not dist.enabled:
+        return local
+    parts = dist.all_gather_object(local)
+    n = len(idx)
+    out_s, out_h = np.zeros((n, m), np.float32), np.zeros((n, m), np.float32)
+    for r, (ps, ph) in enumerate(parts):
+        out_s[r::dist.world], out_h[r::dist.world] = ps, ph
+    return out_s, out_h
 
 
 def _macro_f1(y: np.ndarray, pred: np.ndarray, m: int) -> float:
@@ -162,239 +204,308 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray, m: int) -> float:
     return float(f1_score(y, pred, labels=list(range(m)), average="macro", zero_division=0))
 
 
-# --------------------------------------------------------------------------- one fold
+# --------------------------------------------------------------------------- one model
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def sample_weights(data: CxrData, idx: Sequence[int], rule: str) -> np.ndarray | None:
+    """Balanced-sampling weights over ``idx``: 1/count(class) or 1/count(class × age group)."""
+    if rule == "none":
+        return None
+    keys = [(int(data.labels[i]), data.age_groups[i] if rule == "class_age" else "") for i in idx]
+    counts = Counter(keys)
+    return np.array([1.0 / counts[kk] for kk in keys])
 
 
-def learner_sidecar(name: str, mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"task": "cxr_classification", "learner": name, "mode": mode, "classes": list(CLASSES), "in_channels": 1,
-            "input": "gray float [0,1]; ImageNet normalisation inside the model",
-            "patch_size": cfg["patch_size"] if mode == "patch" else None,
-            "learner_input": (cfg.get("learner_input") or cfg["patch_size"]) if mode == "patch" else cfg["global_size"],
-            "global_size": cfg["global_size"] if mode == "global" else None,
-            "mask_outside": cfg["mask_outside"] if mode == "patch" else None,
-            "pretrained": cfg.get("pretrained") or "none (random init)"}
+def train_model(name: str, data: CxrData, train_idx: list[int], val_idx: list[int] | None, cfg: PatchTrainConfig,
+                out_dir: Path, dist: Dist, precision: str = "fp32", epochs: int | None = None, seed: int = 0,
+                track: Track = no_track, restart: bool = False, label: str = "") -> tuple[Learner, dict[str, Any]]:
+    """Train one learner on ``train_idx`` through :class:`~patchflannel.training.Trainer`.
 
-
-def train_fold(name: str, mode: str, data: CxrData, train_idx: list[int], val_idx: list[int], cfg: dict[str, Any],
-               out_dir: Path, device: torch.device, track: Track = _no_track, label: str | None = None) -> torch.nn.Module:
-    """Train one learner on ``train_idx``; early stopping on ``val_idx`` macro-F1.
-
-    Resumes from ``out_dir/checkpoint.pt``; returns the best model (eval mode).
+    With ``val_idx``: early stopping on validation macro-F1 (K = ``k_val``); without (refit):
+    exactly ``epochs`` epochs, the last one kept. Returns the best model and the run's summary.
     """
-    from .learners import create_learner
-
-    label = label or name  # what logs call it (e.g. global-NAME)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed = int(cfg["seed"])
+    spec = input_spec(name, cfg)
+    arch = name.removeprefix(GLOBAL_PREFIX)
     torch.manual_seed(seed)
-    model = create_learner(name, num_classes=len(CLASSES), in_chans=1, pretrained=cfg.get("pretrained") or False).to(device)
-    if cfg.get("bn_momentum") is not None:
-        # torchvision's MobileNetV3 uses BN momentum 0.01, tuned for long ImageNet runs; with a few
-        # hundred steps from scratch its running statistics lag and eval-mode predictions collapse.
+    model = create_learner(arch, num_classes=len(CLASSES), in_chans=1, pretrained=_pretrained(cfg.pretrained),
+                           classes=CLASSES, input_spec=spec)
+    if cfg.train.bn_momentum is not None:
+        # MobileNetV3 ships BN momentum 0.01, tuned for long ImageNet runs; with a few hundred steps from
+        # scratch its running statistics lag and eval-mode predictions collapse.
         for mod in model.modules():
             if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                mod.momentum = float(cfg["bn_momentum"])
-    opt = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight_decay", 0.0)))
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=int(cfg.get("lr_patience", 3)))
-    maker = make_input_maker(data, mode, cfg, device)
-    y = data.labels
-    counts = np.bincount(y[train_idx], minlength=len(CLASSES)).astype(float)
-    class_w = None
-    if cfg.get("class_weighted_loss"):
-        class_w = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(CLASSES), dtype=torch.float32, device=device)
-    gen = torch.Generator().manual_seed(seed)
-    start, best, bad, history = 0, -1.0, 0, []
-    ckpt = out_dir / "checkpoint.pt"
-    if ckpt.exists():
-        ck = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start, best, bad, history = ck["epoch"] + 1, ck["best"], ck["bad"], ck["history"]
-        gen.set_state(ck["gen"])
-        log.info("%s %s: resumed at epoch %d (best val macro-F1 %.3f)", label, out_dir.name, start, best)
-    k_train = 1 if mode == "global" else int(cfg["patches_per_image"])
-    per_step = max(1, int(cfg["batch_size"]) // k_train)
-    epochs, patience = int(cfg["epochs"]), int(cfg["patience"])
-    for epoch in range(start, epochs):
-        if bad >= patience:
-            break
-        t0 = time.time()
-        model.train()
-        if cfg.get("balanced_sampling"):
-            w = 1.0 / counts[y[train_idx]]
-            order = np.asarray(train_idx)[torch.multinomial(torch.tensor(w), len(train_idx), replacement=True, generator=gen).numpy()]
-        else:
-            order = np.asarray(train_idx)[torch.randperm(len(train_idx), generator=gen).numpy()]
-        losses = []
-        steps = range(0, len(order), per_step)
-        for s in track(steps, f"{label} {out_dir.name} epoch {epoch + 1}/{epochs}", len(steps)):
-            idx = order[s:s + per_step]
-            # Fresh random in-lung centres every step.
-            x = maker.make(idx, k_train, gen).flatten(0, 1)
-            x = _augment(x, gen)
-            target = torch.as_tensor(y[idx], device=device).repeat_interleave(k_train)
-            logits = model(x)
-            loss = F.cross_entropy(logits, target, weight=class_w)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        soft, _ = distributions(model, maker, val_idx, int(cfg["k_val"]), seed + 999)
-        f1 = _macro_f1(y[val_idx], soft.argmax(1), len(CLASSES))
-        sched.step(f1)
-        improved = f1 > best
-        if improved:
-            best, bad = f1, 0
-            save_weights(model, out_dir / "best", {**learner_sidecar(name, mode, cfg), "best_epoch": epoch + 1, "val_macro_f1": f1})
-        else:
-            bad += 1
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": f1,
-                        "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0})
-        log.info("%s %s epoch %d: loss %.3f, val macro-F1 %.3f%s (%.0fs)", label, out_dir.name, epoch + 1,
-                 history[-1]["train_loss"], f1, " *" if improved else "", history[-1]["seconds"])
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "epoch": epoch, "best": best, "bad": bad, "history": history, "gen": gen.get_state()}, ckpt)
-        keys = list(history[0])
-        atomic_write_text(out_dir / "history.csv", "\n".join([",".join(keys)] + [",".join(f"{h[k]:.6g}" for k in keys) for h in history]) + "\n")
-    state, _ = load_weights(out_dir / "best", device=device)
-    load_state(model, state)
-    return model.eval()
+                mod.momentum = float(cfg.train.bn_momentum)
+    t = cfg.train
+    opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    refit = val_idx is None
+    settings = LoopSettings(epochs=epochs or t.epochs, patience=t.patience if not refit else 10**6,
+                            monitor="epoch" if refit else "val_macro_f1", lr_patience=None if refit else t.lr_patience)
+    run_cfg = {"config": cfg.model_dump(mode="json"), "learner": name, "seed": seed, "epochs": settings.epochs,
+               "train_ids": [data.ids[i] for i in train_idx], "val_ids": [data.ids[i] for i in val_idx or []]}
+    trainer = Trainer(model, opt, settings, run_dir=out_dir, config=run_cfg, dist=dist, precision=precision,
+                      name=label or name, restart=restart)
+    k_train = 1 if spec.mode == "global" else t.patches_per_image
+    per_step = max(1, t.batch_size // k_train)
+    weights = sample_weights(data, train_idx, t.sampling)
+    train_arr = np.asarray(train_idx)
+
+    def batches(epoch: int) -> list[dict[str, Any]]:
+        pos = epoch_batches(len(train_idx), per_step, seed, epoch, weights)
+        return [{"epoch": epoch, "step": s, "items": train_arr[p]} for s, p in enumerate(pos)]
+
+    def step(net: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        positions = list(range(len(batch["items"])))[dist.rank::dist.world]
+        sel = torch.as_tensor(batch["items"][positions])
+        seeds = [item_seed(seed, batch["epoch"], batch["step"], p) for p in positions]
+        x, _, cm = make_inputs(data.images[sel].to(dist.device), data.masks[sel].to(dist.device), spec, k_train,
+                               seeds=seeds, with_masks=spec.mask_outside)
+        x = x.flatten(0, 1)
+        gen = torch.Generator().manual_seed(item_seed(seed, batch["epoch"], batch["step"], 991, dist.rank))
+        x = augment(x, gen, t.augment, spec.mode == "global")
+        if cm is not None:  # the area outside the lungs stays exactly 0, as at inference
+            x = x * cm.flatten(0, 1).to(x.dtype)
+        target = torch.as_tensor(data.labels[batch["items"][positions]], device=dist.device).repeat_interleave(k_train)
+        logits = net(x)
+        loss = F.cross_entropy(logits.float(), target, reduction="sum", label_smoothing=t.label_smoothing)
+        return loss, int(target.numel())
+
+    def validate(net: torch.nn.Module) -> dict[str, float]:
+        if refit:
+            return {"epoch": float(trainer.epoch + 1)}
+        soft, _ = votes(net, data, val_idx, cfg.k_val, seed + 999, dist)
+        return {"val_macro_f1": _macro_f1(data.labels[val_idx], soft.argmax(1), len(CLASSES))}
+
+    def on_best(module: torch.nn.Module, metrics: dict[str, float]) -> None:
+        module.info = {"member": out_dir.name, "training": {"learner": name, "best_epoch": trainer.epoch + 1,
+                                                            "n_train": len(train_idx), "seed": seed, **metrics}}
+        module.save_pretrained(out_dir / "best")
+
+    result = trainer.fit(batches, step, validate, on_best, lambda b: len(b["items"]) * k_train, track)
+    dist.barrier()
+    best = Learner.from_pretrained(out_dir / "best", dist.device)
+    return best, {"best_epoch": result.best_epoch, "best_score": result.best_score, "epochs_run": result.epochs_run,
+                  "seconds": result.seconds, "hash": trainer.hash}
 
 
-# --------------------------------------------------------------------------- a whole learner over the folds
+def _pretrained(value: str | None) -> bool | str:
+    if value is None or str(value).lower() in ("none", "null", "false", ""):
+        return False
+    return True if str(value).lower() == "true" else str(value)
 
 
-def run_learner(spec: str, data: CxrData, split: dict[str, Any], cfg: dict[str, Any], run_dir: Path, device: torch.device,
-                track: Track = _no_track) -> dict[str, Any]:
-    """Train ``spec`` (``name`` or ``global-name``) on every fold; write votes and metrics."""
+# --------------------------------------------------------------------------- the split
+
+
+def split_fingerprint(data: CxrData) -> str:
+    import hashlib
+
+    rows = sorted(f"{i}|{data.labels[k]}|{data.groups[k]}|{data.roles[k]}" for k, i in enumerate(data.ids))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def prepare_split(data: CxrData, cfg: PatchTrainConfig, run_dir: Path, dist: Dist, rebuild: bool = False) -> dict[str, Any]:
+    """The run's split: made once (grouped by patient, near-duplicates merged) and saved with the data's
+    fingerprint; a saved split of other data is refused (``--rebuild`` makes a new one)."""
+    path = run_dir / "split.json"
+    fp = split_fingerprint(data)
+    index = {k: i for i, k in enumerate(data.ids)}
+    saved = None
+    if path.exists() and not rebuild:
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict) or not {"test", "folds"} <= set(saved):
+                raise ValueError("missing test/folds")
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable split ({exc}); delete it or pass --rebuild") from None
+        if saved.get("fingerprint") != fp or len(saved["folds"]) != cfg.split.folds or saved.get("seed") != cfg.seed:
+            raise DataError(f"{path} was made for other data or settings (fingerprint {saved.get('fingerprint')} vs "
+                            f"{fp}, {len(saved['folds'])} vs {cfg.split.folds} folds, seed {saved.get('seed')} vs "
+                            f"{cfg.seed}): pass --rebuild to make a new split (every learner of this run then retrains)")
+    if saved is None:
+        main = [i for i, r in enumerate(data.roles) if r == "main"]
+        extra = [i for i, r in enumerate(data.roles) if r == "train_only"]
+        s = make_splits(data.labels[main], [data.groups[i] for i in main], cfg.seed, cfg.split.test_frac, cfg.split.folds)
+        ext: list[int] = []
+        if extra and cfg.data.train_only_holdout > 0:
+            groups = sorted({data.groups[i] for i in extra})
+            rng = np.random.default_rng(cfg.seed)
+            held = set(rng.permutation(groups)[: int(round(cfg.data.train_only_holdout * len(groups)))].tolist())
+            ext = [i for i in extra if data.groups[i] in held]
+        saved = {"seed": cfg.seed, "grouped_by": "patient_id, near-duplicates merged", "fingerprint": fp,
+                 "n_duplicate_pairs": len(data.duplicates), "test": [data.ids[main[i]] for i in s["test"]],
+                 "folds": [[data.ids[main[i]] for i in f] for f in s["folds"]],
+                 "train_only": [data.ids[i] for i in extra if i not in set(ext)], "external": [data.ids[i] for i in ext]}
+        if dist.is_main:
+            write_json(path, saved)
+    missing = [i for part in ("test", "folds", "train_only", "external") for i in _flat(saved.get(part, [])) if i not in index]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} ids of the saved split are not in the data (e.g. {missing[0]}); pass --rebuild")
+    split = {**saved, "test_idx": [index[i] for i in saved["test"]], "folds_idx": [[index[i] for i in f] for f in saved["folds"]],
+             "train_only_idx": [index[i] for i in saved.get("train_only", [])],
+             "external_idx": [index[i] for i in saved.get("external", [])]}
+    check_grouped({"test": split["test_idx"] + split["external_idx"], "folds": split["folds_idx"]}, data.groups)
+    return split
+
+
+def _flat(x: Any) -> list[str]:
+    return [j for i in x for j in (i if isinstance(i, list) else [i])]
+
+
+# --------------------------------------------------------------------------- a learner over the folds
+
+
+def run_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrainConfig, run_dir: Path, dist: Dist,
+                precision: str = "fp32", restart: bool = False, track: Track = no_track) -> dict[str, Any]:
+    """Train ``name`` on every fold (and refit), write its votes and metrics."""
     from .metrics import classification_report_dict, summarise
 
-    import yaml
-
-    mode, name = ("global", spec[len("global-"):]) if spec.startswith("global-") else ("patch", spec)
-    ldir = run_dir / spec
-    ldir.mkdir(parents=True, exist_ok=True)
-    # Per learner too: several train-patch processes may share one run folder.
-    atomic_write_text(ldir / "config.yaml", yaml.safe_dump({**cfg, "learner": spec}, sort_keys=False))
+    ldir = run_dir / name
     folds: list[list[int]] = split["folds_idx"]
     test_idx: list[int] = split["test_idx"]
-    n_classes = len(CLASSES)
-    k = int(cfg["k"])
-    oof_soft = np.zeros((len(data.ids), n_classes), np.float32)
-    oof_hard = np.zeros_like(oof_soft)
-    oof_fold = np.full(len(data.ids), -1, np.int64)
-    test_soft = np.zeros((len(test_idx), len(folds), n_classes), np.float32)
+    m = len(CLASSES)
+    run_folds = cfg.split.run_folds if cfg.split.run_folds is not None else list(range(len(folds)))
+    bad = [f for f in run_folds if not 0 <= f < len(folds)]
+    if bad:
+        raise DataError(f"split.run_folds {bad}: there are folds 0 … {len(folds) - 1}")
+    n = len(data.ids)
+    oof_soft, oof_hard = np.zeros((n, m), np.float32), np.zeros((n, m), np.float32)
+    oof_fold = np.full(n, -1, np.int64)
+    ext_idx: list[int] = split["external_idx"]
+    ext_soft = np.zeros((len(ext_idx), len(run_folds), m), np.float32)
+    test_soft = np.zeros((len(test_idx), len(run_folds), m), np.float32)
     test_hard = np.zeros_like(test_soft)
-    reports = []
-    maker: InputMaker | None = None
-    for f, fold_idx in enumerate(folds):
+    reports, best_epochs = [], []
+    for col, f in enumerate(run_folds):
         fdir = ldir / f"fold{f}"
-        done = fdir / "done.npz"
-        if done.exists():
-            z = np.load(done)
-            oof_soft[fold_idx], oof_hard[fold_idx] = z["oof_soft"], z["oof_hard"]
-            test_soft[:, f], test_hard[:, f] = z["test_soft"], z["test_hard"]
-            log.info("%s fold %d already done; reusing its votes", spec, f)
+        train_all = [i for g, fi in enumerate(folds) if g != f for i in fi]
+        tr, va = inner_validation(train_all, data.labels, data.groups, cfg.split.val_frac, cfg.seed + f)
+        tr = tr + split["train_only_idx"]
+        model, info = train_model(name, data, tr, va, cfg, fdir, dist, precision, seed=cfg.seed + 100 * f, track=track,
+                                  restart=restart, label=f"{name} fold {f}")
+        best_epochs.append(info["best_epoch"])
+        done = fdir / "votes.npz"
+        key = f"{info['hash']}|k={cfg.k}|{split['fingerprint']}"
+        cached = _read_votes(done, key)
+        if cached is None:
+            os_, oh = votes(model, data, folds[f], cfg.k, cfg.seed, dist, track=track, what=f"{name} fold {f} OOF votes")
+            ts, th = votes(model, data, test_idx + ext_idx, cfg.k, cfg.seed, dist, track=track,
+                           what=f"{name} fold {f} test votes")
+            if dist.is_main:
+                write_npz(done, key=np.array(key), oof_soft=os_, oof_hard=oh, test_soft=ts, test_hard=th)
         else:
-            train_all = [i for g, fi in enumerate(folds) if g != f for i in fi]
-            tr, va = inner_validation(train_all, data.labels, data.patients, float(cfg["val_frac"]), int(cfg["seed"]) + f)
-            model = train_fold(name, mode, data, tr, va, {**cfg, "seed": int(cfg["seed"]) + 100 * f}, fdir, device, track,
-                               label=spec)
-            if maker is None:
-                maker = make_input_maker(data, mode, cfg, device)
-            vs = int(cfg["seed"]) + 7
-            os_, oh = distributions(model, maker, fold_idx, k, vs, track=track, what=f"{spec} fold {f} out-of-fold votes")
-            ts, th = distributions(model, maker, test_idx, k, vs + 1, track=track, what=f"{spec} fold {f} test votes")
-            oof_soft[fold_idx], oof_hard[fold_idx] = os_, oh
-            test_soft[:, f], test_hard[:, f] = ts, th
-            np.savez(fdir / ".done.tmp.npz", oof_soft=os_, oof_hard=oh, test_soft=ts, test_hard=th,
-                     train_idx=np.array(tr), val_idx=np.array(va))
-            os.replace(fdir / ".done.tmp.npz", done)
-        oof_fold[fold_idx] = f
-        reports.append(classification_report_dict(data.labels[test_idx], test_soft[:, f], list(CLASSES), positive="covid"))
-    oof_idx = [i for fi in folds for i in fi]
-    ids, patients, sources = np.array(data.ids), np.array(data.patients), np.array(data.sources)
-    _savez(ldir / "oof.npz", ids=ids[oof_idx], y=data.labels[oof_idx], fold=oof_fold[oof_idx], soft=oof_soft[oof_idx],
-           hard=oof_hard[oof_idx], patients=patients[oof_idx], sources=sources[oof_idx], classes=np.array(CLASSES),
-           k=np.array(1 if mode == "global" else k))
-    _savez(ldir / "test.npz", ids=ids[test_idx], y=data.labels[test_idx], soft=test_soft, hard=test_hard,
-           patients=patients[test_idx], sources=sources[test_idx], classes=np.array(CLASSES),
-           k=np.array(1 if mode == "global" else k))
-    _votes_csv(ldir / "votes_oof.csv", ids[oof_idx], data.labels[oof_idx], oof_soft[oof_idx], oof_fold[oof_idx])
-    _votes_csv(ldir / "votes_test.csv", ids[test_idx], data.labels[test_idx], test_soft.mean(1), None)
-    summary = summarise(reports)
-    oof_report = classification_report_dict(data.labels[oof_idx], oof_soft[oof_idx], list(CLASSES), positive="covid")
-    metrics = {"learner": spec, "mode": mode, "k": k, "test_per_fold_model": reports, "test_summary": summary,
-               "test_mean_of_fold_models": classification_report_dict(data.labels[test_idx], test_soft.mean(1), list(CLASSES), positive="covid"),
-               "oof": oof_report}
+            os_, oh, ts, th = cached
+        ts, th, es = ts[:len(test_idx)], th[:len(test_idx)], ts[len(test_idx):]
+        ext_soft[:, col] = es
+        oof_soft[folds[f]], oof_hard[folds[f]], oof_fold[folds[f]] = os_, oh, f
+        test_soft[:, col], test_hard[:, col] = ts, th
+        reports.append(classification_report_dict(data.labels[test_idx], ts, list(CLASSES), positive="covid"))
+    refit: dict[str, Any] = {}
+    if cfg.train.refit and cfg.split.run_folds is None:
+        epochs = int(np.median(best_epochs))
+        train_all = [i for fi in folds for i in fi] + split["train_only_idx"]
+        model, info = train_model(name, data, train_all, None, cfg, ldir / "refit", dist, precision, epochs=epochs,
+                                  seed=cfg.seed + 7, track=track, restart=restart, label=f"{name} refit")
+        key = f"{info['hash']}|k={cfg.k}|{split['fingerprint']}"
+        cached = _read_votes(ldir / "refit" / "votes.npz", key)
+        if cached is None:
+            rs, rh = votes(model, data, test_idx + ext_idx, cfg.k, cfg.seed, dist, track=track, what=f"{name} refit test votes")
+            if dist.is_main:
+                write_npz(ldir / "refit" / "votes.npz", key=np.array(key), test_soft=rs, test_hard=rh)
+        else:
+            rs, rh = cached[2], cached[3]
+        refit = {"soft_refit": rs[:len(test_idx)], "hard_refit": rh[:len(test_idx)], "epochs": epochs,
+                 "ext_refit": rs[len(test_idx):]}
+    if not dist.is_main:
+        return {}
+    oof_idx = [i for f in run_folds for i in folds[f]]
+    meta_oof, meta_test = data.subset(oof_idx), data.subset(test_idx)
+    common = {"classes": np.array(CLASSES), "k": np.array(1 if name.startswith(GLOBAL_PREFIX) else cfg.k)}
+    write_npz(ldir / "oof.npz", **meta_oof, fold=oof_fold[oof_idx], soft=oof_soft[oof_idx], hard=oof_hard[oof_idx], **common)
+    write_npz(ldir / "test.npz", **meta_test, soft=test_soft, hard=test_hard, fold_ids=np.array(run_folds), **common,
+              **{k: v for k, v in refit.items() if k in ("soft_refit", "hard_refit")})
+    if ext_idx:
+        ext_extra = {"soft_refit": refit["ext_refit"]} if refit else {}
+        write_npz(ldir / "external.npz", **data.subset(ext_idx), soft=ext_soft, **ext_extra, **common)
+    y_test = data.labels[test_idx]
+    metrics: dict[str, Any] = {
+        "learner": name, "input": input_spec(name, cfg).to_dict(), "k": cfg.k, "folds_run": run_folds,
+        "best_epochs": best_epochs,
+        "test_per_fold_model": reports, "test_summary": summarise(reports),
+        "test_mean_of_fold_models": classification_report_dict(y_test, test_soft.mean(1), list(CLASSES), positive="covid"),
+        "oof": classification_report_dict(data.labels[oof_idx], oof_soft[oof_idx], list(CLASSES), positive="covid"),
+    }
+    if refit:
+        metrics["refit_epochs"] = refit["epochs"]
+        metrics["test_refit"] = classification_report_dict(y_test, refit["soft_refit"], list(CLASSES), positive="covid")
+    if ext_idx:
+        ext_p = refit["ext_refit"] if refit else ext_soft.mean(1)
+        metrics["external"] = {"n": len(ext_idx), "sources": sorted(set(data.sources[i] for i in ext_idx)),
+                               "predicted": {c: int((ext_p.argmax(1) == j).sum()) for j, c in enumerate(CLASSES)}}
     write_json(ldir / "metrics.json", metrics)
     try:
         from .plots import plot_confusion
 
-        plot_confusion(np.array(metrics["test_mean_of_fold_models"]["confusion_matrix"]), list(CLASSES),
-                       ldir / "confusion_test.png", title=f"{spec}: held-out test (mean of fold models)")
-    except Exception as exc:  # a plot must never lose the numbers above
-        log.warning("confusion plot for %s failed: %s", spec, exc)
+        cm = (metrics.get("test_refit") or metrics["test_mean_of_fold_models"])["confusion_matrix"]
+        plot_confusion(np.array(cm), list(CLASSES), ldir / "confusion_test.png",
+                       title=f"{name}: held-out test ({'refit model' if refit else 'mean of fold models'})")
+    except Exception as exc:  # noqa: BLE001 — a plot must never lose the numbers above
+        log.warning("confusion plot for %s failed: %s", name, exc)
     return metrics
 
 
-def _savez(path: Path, **arrays: Any) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _read_votes(path: Path, key: str) -> tuple[np.ndarray, ...] | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None  # votes of another model, k or split: recompute
+            if "oof_soft" in z.files:
+                return z["oof_soft"], z["oof_hard"], z["test_soft"], z["test_hard"]
+            return None, None, z["test_soft"], z["test_hard"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
-def _votes_csv(path: Path, ids: np.ndarray, y: np.ndarray, soft: np.ndarray, fold: np.ndarray | None) -> None:
-    head = "id,label," + ("fold," if fold is not None else "") + ",".join(f"p_{c}" for c in CLASSES)
-    lines = [head]
-    for i in range(len(ids)):
-        cells = [str(ids[i]), CLASSES[int(y[i])]] + ([str(int(fold[i]))] if fold is not None else [])
-        lines.append(",".join(cells + [f"{v:.5f}" for v in soft[i]]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+def train_patch_run(cfg: PatchTrainConfig, data: CxrData, run_dir: str | os.PathLike[str], dist: Dist | None = None,
+                    precision: str = "fp32", restart: bool = False, rebuild_split: bool = False, parallel: str = "ddp",
+                    track: Track = no_track) -> dict[str, Any]:
+    """Train every learner of ``cfg`` over the folds of ``data``; see the module docstring for the outputs.
 
+    ``parallel`` (under torchrun): ``ddp`` trains each model with all ranks
+    together; ``jobs`` gives each rank whole learners to train alone (each
+    rank then runs in a world of one on its own device).
+    """
+    from ._files import write_text
 
-def prepare_split(data: CxrData, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Load the run's saved split, or make and save a new one (by image id)."""
-    from .cxr import check_grouped, make_splits
-
-    path = run_dir / "split.json"
-    index = {k: i for i, k in enumerate(data.ids)}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        missing = [i for part in [saved["test"], *saved["folds"]] for i in part if i not in index]
-        if missing:
-            raise ValueError(f"{path}: {len(missing)} ids of the saved split are not in the data (e.g. {missing[0]})")
-    else:
-        s = make_splits(data.labels, data.patients, int(cfg["seed"]), float(cfg["test_frac"]), int(cfg["folds"]))
-        saved = {"seed": cfg["seed"], "grouped_by": "patient_id", "test": [data.ids[i] for i in s["test"]],
-                 "folds": [[data.ids[i] for i in f] for f in s["folds"]]}
-        write_json(path, saved)
-    split = {**saved, "test_idx": [index[i] for i in saved["test"]], "folds_idx": [[index[i] for i in f] for f in saved["folds"]]}
-    check_grouped({"test": split["test_idx"], "folds": split["folds_idx"]}, data.patients)
-    return split
-
-
-def train_patch_run(cfg: dict[str, Any], run_dir: str | os.PathLike, device: torch.device, track: Track = _no_track) -> dict[str, Any]:
-    """Train every learner in ``cfg['learners']`` (and ``global-…`` baselines) over the folds."""
-    import yaml
-
+    dist = dist or Dist()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.yaml"
-    atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
-    random.seed(int(cfg["seed"]))
-    np.random.seed(int(cfg["seed"]))
-    data = CxrData.from_store(cfg["cache"])
-    split = prepare_split(data, cfg, run_dir)
-    specs = list(cfg["learners"]) + [f"global-{n}" for n in cfg.get("global_learners") or []]
-    results = {}
-    for spec in specs:
-        results[spec] = run_learner(spec, data, split, cfg, run_dir, device, track)
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.exists() and not restart and dist.is_main:
+        import yaml
+
+        old = yaml.safe_load(cfg_file.read_text()) or {}
+        now = cfg.model_dump(mode="json")
+        same = {k: v for k, v in now.items() if k != "learners"} == {k: v for k, v in old.items() if k != "learners"}
+        if not same:
+            from .config import diff_configs
+
+            changes = [c for c in diff_configs(old, now) if not c.startswith("learners")]
+            raise ResumeError(f"{run_dir} holds a run with another config ({'; '.join(changes[:6])}); use another "
+                              "--run-dir or pass --restart")
+    split = prepare_split(data, cfg, run_dir, dist, rebuild_split)
+    if dist.is_main:
+        write_text(cfg_file, config_to_yaml(cfg))
+    results: dict[str, Any] = {}
+    if parallel == "jobs" and dist.enabled:
+        mine = cfg.learners[dist.rank::dist.world]
+        solo = Dist(device=dist.device)
+        for name in mine:
+            results[name] = run_learner(name, data, split, cfg, run_dir, solo, precision, restart, track)
+        dist.barrier()
+        gathered = dist.all_gather_object(results)
+        return {k: v for part in gathered for k, v in part.items()}
+    for name in cfg.learners:
+        results[name] = run_learner(name, data, split, cfg, run_dir, dist, precision, restart, track)
     return results

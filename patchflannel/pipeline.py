@@ -1,168 +1,323 @@
-"""The whole pipeline on new radiographs, with shipped weights:
+"""The whole classifier on new radiographs: :class:`Classifier`.
 
-read → resize to 1024² → lung mask → K in-lung crops (drawn once, shared by all
-learners) → every learner's fold models vote → the learner's distribution P_i
-(mean over its fold models, as for the test part in ``train-patch``) → FLANNEL
-weights w → ŷ = softmax(Σ w_i P_i).
+    radiograph ──read──▶ work image 1024² uint8 ──lung U-Net (scr)──▶ lung mask
+        ──per learner input spec──▶ K in-lung crops (or the whole image), drawn with a
+          generator keyed by the seed and the image's content, shared by learners with
+          the same input spec
+        ──each learner's member models vote──▶ P_i (mean over members of the mean patch softmax)
+        ──combiner (FLANNEL: w = tanh(Dense(vec(f fᵀ))), z = Σ w_i P_i)──▶ scores z
+        ──calibration (temperature fitted out of fold)──▶ probabilities
 
-Shipped layout (``weights/``)::
+An image's result depends only on the image, the seed and the weights: never
+on the other images of the batch or their order (the crops of each image are
+drawn from its own generator, keyed by its content).
 
-    lung_unet.safetensors/.json                  the segmenter
-    ensemble/flannel.safetensors/.json           FLANNEL weight module (lists its learners)
-    ensemble/learners/<learner>_fold<f>.safetensors/.json   each learner's fold models
+Saved layout (:meth:`Classifier.save_pretrained`)::
+
+    DIR/config.json                      classes, learner order, members, distribution,
+                                         combiner, calibration, segmenter, defaults
+    DIR/combiner/                        config.json + model.safetensors
+    DIR/learners/<learner>/<member>/     config.json + model.safetensors (float16 allowed)
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
 import shutil
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from .cxr import CLASSES
-from .io import resize, to_uint8
-from .patch_train import downscale, patch_scale
-from .segment import DEFAULT_WEIGHTS, WORK_SIZE, LungSegmenter, postprocess
-from .weights import WEIGHTS_DIR, WeightsNotFoundError, load_state, load_weights, save_weights, write_json
+from ._files import check_name, file_sha256, write_json
+from .calibrate import Calibrator
+from .ensemble import load_combiner, save_combiner
+from .errors import WeightsError, WeightsNotFoundError
+from .hub import CONFIG_NAME, WEIGHTS_NAME, replace_dir, resolve_weights
+from .io import as_images, resize, to_uint8
+from .learners import InputSpec, Learner, make_inputs
+from .segment import WORK_SIZE, LungSegmenter, MaskQuality, postprocess
+from .vote import predict_distribution, vote
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENSEMBLE = WEIGHTS_DIR / "ensemble"
+__all__ = ["Classifier", "Prediction", "Prepared", "image_seed", "prepare"]
+
+DEFAULT_CLASSIFIER = "ensemble"
+TASK = "cxr_classifier"
+
+
+def image_seed(work: np.ndarray, seed: int) -> int:
+    """The crops' seed for one image: its content (1024² uint8) hashed together with ``seed``."""
+    h = hashlib.blake2b(np.ascontiguousarray(work).tobytes(), digest_size=8, key=int(seed).to_bytes(8, "little", signed=False))
+    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class Prepared:
+    """Images ready for the learners: work images, lung masks, mask quality, per-image crop seeds."""
+
+    work: torch.Tensor  # (B,1,1024,1024) uint8
+    masks: torch.Tensor  # (B,1,1024,1024) bool
+    quality: list[MaskQuality]
+    shapes: list[tuple[int, int]]
+
+
+def prepare(images: Sequence[np.ndarray], segmenter: LungSegmenter, convention: str = "scr",
+            work_size: int = WORK_SIZE) -> Prepared:
+    """Radiographs ``(H,W)`` float [0,1] → work images (area-resized to 1024², uint8) and their lung masks.
+
+    The mask is computed from the *work image* (not the original), so the
+    training cache and ``predict`` give bit-identical inputs for the same file.
+    """
+    work = [to_uint8(resize(im, work_size, "area")) for im in images]
+    probs = segmenter.predict_prob([w.astype(np.float32) / np.float32(255.0) for w in work], convention, work_size)
+    masks, quality = [], []
+    for p in probs:
+        m, q = postprocess(p, segmenter.threshold)
+        masks.append(m)
+        quality.append(q)
+    return Prepared(torch.from_numpy(np.stack(work)).unsqueeze(1), torch.from_numpy(np.stack(masks)).unsqueeze(1),
+                    quality, [im.shape for im in images])
 
 
 @dataclass
 class Prediction:
-    probs: np.ndarray  # (M,) FLANNEL class distribution
-    learner_probs: np.ndarray  # (N,M) each learner's distribution
-    learner_weights: np.ndarray  # (N,) FLANNEL weights w
-    mask: np.ndarray  # (1024,1024) bool
-    centres: np.ndarray  # (K,2) int64 at 1024²
+    """One image's result. ``probs`` are calibrated; ``raw_probs`` = softmax of the combiner's scores."""
+
+    classes: tuple[str, ...]
+    probs: np.ndarray  # (M,) calibrated class probabilities (NaN when no prediction was made)
+    raw_probs: np.ndarray  # (M,)
+    learner_names: tuple[str, ...]
+    learner_probs: np.ndarray  # (N,M) each learner's distribution P_i
+    learner_weights: np.ndarray | None  # (N,) FLANNEL weights w_i (None for other combiners)
+    mask: np.ndarray  # (1024,1024) bool lung mask the crops were drawn from
+    quality: MaskQuality
+    centres: np.ndarray | None  # (K,2) int64 crop centres at 1024² (first patch learner's), or None
+    k: int
+    seed: int
+    status: str = "ok"  # ok | no_lung
+    message: str = ""
+    crop_probs: dict[str, np.ndarray] = field(default_factory=dict)  # learner → (K,M) per-crop probabilities
 
     @property
     def label(self) -> str:
-        return CLASSES[int(np.argmax(self.probs))]
+        return self.classes[int(np.argmax(self.probs))] if self.status == "ok" else ""
+
+    @property
+    def confidence(self) -> float:
+        return float(np.max(self.probs)) if self.status == "ok" else math.nan
 
 
-class Pipeline:
-    """Segmenter + learners' fold models + FLANNEL, ready for :meth:`predict`."""
+class Classifier:
+    """Segmenter + learners (each with one or more member models) + combiner + calibration.
 
-    def __init__(self, segmenter: LungSegmenter, learners: dict[str, list[torch.nn.Module]], learner_cfg: dict[str, dict[str, Any]],
-                 flannel: torch.nn.Module, flannel_cfg: dict[str, Any], device: torch.device) -> None:
-        self.segmenter, self.learners, self.learner_cfg = segmenter, learners, learner_cfg
-        self.flannel, self.flannel_cfg, self.device = flannel.to(device).eval(), flannel_cfg, device
-        self.names = list(flannel_cfg["learners"])
-        first = learner_cfg[self.names[0]]
-        self.patch_size = int(first["patch_size"])
-        self.learner_input = int(first.get("learner_input") or self.patch_size)
-        self.mask_outside = bool(first.get("mask_outside", True))
+    >>> clf = Classifier.from_pretrained()               # the shipped ensemble
+    >>> [p.label for p in clf.predict(["a.png", "b.dcm"])]
+    """
+
+    def __init__(self, segmenter: LungSegmenter, learners: dict[str, list[Learner]], combiner: nn.Module,
+                 calibrator: Calibrator, config: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.segmenter = segmenter.to(self.device)
+        self.learners = {n: [m.to(self.device).eval() for m in ms] for n, ms in learners.items()}
+        self.combiner = combiner.to(self.device).eval()
+        self.calibrator = calibrator
+        self.config = dict(config)
+        self.names = tuple(self.config.get("learners") or learners)
+        self.classes = tuple(self.config["classes"])
         for n in self.names:
-            c = learner_cfg[n]
-            if (int(c["patch_size"]), int(c.get("learner_input") or c["patch_size"]), bool(c.get("mask_outside", True))) != \
-                    (self.patch_size, self.learner_input, self.mask_outside):
-                raise ValueError(f"learner {n} expects other patches than {self.names[0]}; one crop set must serve all")
+            if n not in self.learners or not self.learners[n]:
+                raise WeightsError(f"learner {n} has no member models")
+            for m in self.learners[n]:
+                if tuple(m.classes) != self.classes:
+                    raise WeightsError(f"learner {n} predicts {m.classes}, the ensemble {self.classes}")
+        if int(getattr(combiner, "n_learners", len(self.names))) != len(self.names):
+            raise WeightsError(f"the combiner expects {combiner.n_learners} learners, the ensemble lists {len(self.names)}")
+        self.distribution = str(self.config.get("distribution", "soft"))
+
+    # ---------------------------------------------------------------- persistence
 
     @classmethod
-    def from_weights(cls, ensemble_dir: str | os.PathLike = DEFAULT_ENSEMBLE, seg_weights: str | os.PathLike = DEFAULT_WEIGHTS,
-                     device: str | torch.device = "cpu") -> "Pipeline":
-        from .ensemble_run import load_flannel
-        from .learners import create_learner
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str] = DEFAULT_CLASSIFIER, device: str | torch.device = "cpu",
+                        segmenter: LungSegmenter | str | os.PathLike[str] | None = None) -> Classifier:
+        """Load a classifier saved by :meth:`save_pretrained` (names resolved by :func:`patchflannel.hub.resolve_weights`).
 
-        device = torch.device(device)
-        ensemble_dir = Path(ensemble_dir)
-        seg = LungSegmenter.from_pretrained(seg_weights, device=device)
-        flannel, fcfg = load_flannel(ensemble_dir / "flannel")
-        learners: dict[str, list[torch.nn.Module]] = {}
-        lcfg: dict[str, dict[str, Any]] = {}
-        for name in fcfg["learners"]:
-            if name.startswith("global-"):
-                raise ValueError(f"{ensemble_dir}: predict uses patch learners; this FLANNEL is over global learner {name}")
-            files = sorted((ensemble_dir / "learners").glob(f"{name}_fold*.safetensors"))
-            if not files:
-                raise WeightsNotFoundError(f"no fold models for learner {name} in {ensemble_dir / 'learners'} "
-                                           f"(expected {name}_fold0.safetensors + .json …)")
-            models = []
-            for f in files:
-                state, cfg = load_weights(f, device=device)
-                m = create_learner(cfg["learner"], num_classes=len(cfg["classes"]), in_chans=1, pretrained=False)
-                load_state(m, {k: v.float() for k, v in state.items()})
-                models.append(m.to(device).eval())
-                lcfg[name] = cfg
-            learners[name] = models
-        return cls(seg, learners, lcfg, flannel, fcfg, device)
+        ``segmenter``: a :class:`LungSegmenter` or weights name/path; default: the one named in the config.
+        """
+        import json
+
+        root = resolve_weights(name_or_path, option="--weights")
+        cfg_path = root / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise WeightsNotFoundError(f"{root}: no {CONFIG_NAME}; not a classifier folder (pass --weights a folder "
+                                       "written by export-ensemble)")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise WeightsError(f"{cfg_path}: not valid JSON ({exc})") from None
+        if cfg.get("task") != TASK:
+            raise WeightsError(f"{root}: these are {cfg.get('task')!r} weights, not a classifier ({TASK!r})")
+        try:
+            names = [check_name(n, "learner name") for n in cfg["learners"]]
+            members = {n: [check_name(m, "member name") for m in cfg["members"][n]] for n in names}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{cfg_path}: bad learner list ({exc})") from None
+        learners = {}
+        for n in names:
+            learners[n] = []
+            for m in members[n]:
+                d = root / "learners" / n / m
+                if not (d / WEIGHTS_NAME).is_file():
+                    raise WeightsNotFoundError(f"{d}: member {m} of learner {n} is listed in {cfg_path} but missing")
+                learners[n].append(Learner.from_pretrained(d, device))
+        combiner, _ = load_combiner(root / "combiner", device)
+        if not isinstance(segmenter, LungSegmenter):
+            seg_ref = segmenter or (cfg.get("segmenter") or {}).get("name", "lung_unet")
+            seg_path = resolve_weights(seg_ref, option="--seg-weights")
+            segmenter = LungSegmenter.from_pretrained(seg_path, device)
+            want = (cfg.get("segmenter") or {}).get("sha256")
+            have_file = seg_path / WEIGHTS_NAME if seg_path.is_dir() else seg_path.with_suffix(".safetensors")
+            if want and have_file.is_file() and file_sha256(have_file) != want:
+                log.warning("%s: the classifier was trained on masks from another lung segmenter (%s); its crops, "
+                            "and so its answers, may differ from the validated ones", root, seg_ref)
+        return cls(segmenter, learners, combiner, Calibrator.from_dict(cfg.get("calibration")), cfg, device)
+
+    def save_pretrained(self, directory: str | os.PathLike[str], half: bool = False,
+                        extra: dict[str, Any] | None = None) -> Path:
+        """Write the classifier to ``directory`` (replaced whole: no file of an earlier save remains).
+
+        ``half`` stores the learners' tensors as float16 (predictions are made in float32).
+        """
+        dest = Path(directory)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            members: dict[str, list[str]] = {}
+            for n in self.names:
+                check_name(n, "learner name")
+                members[n] = []
+                for i, m in enumerate(self.learners[n]):
+                    member = check_name(str(m.info.get("member") or f"m{i}"), "member name")
+                    if member in members[n]:
+                        member = f"{member}-{i}"
+                    members[n].append(member)
+                    if half:
+                        m = _half_copy(m)
+                    m.save_pretrained(build / "learners" / n / member, {"stored_dtype": "float16" if half else "float32"})
+            opts = dict(self.config.get("combiner_options") or {})
+            save_combiner(self.combiner, build / "combiner", str(self.config.get("combiner", "flannel")), opts)
+            cfg = {**{k: v for k, v in self.config.items() if k != "code_version"}, **(extra or {}), "task": TASK,
+                   "classes": list(self.classes), "learners": list(self.names), "members": members,
+                   "distribution": self.distribution, "calibration": self.calibrator.to_dict()}
+            write_json(build / CONFIG_NAME, cfg)
+            os.chmod(build, 0o755)
+            return replace_dir(build, dest)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+
+    # ---------------------------------------------------------------- inference
+
+    @property
+    def default_k(self) -> int:
+        return int((self.config.get("defaults") or {}).get("k", 100))
+
+    def _groups(self) -> dict[tuple[Any, ...], list[str]]:
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for n in self.names:
+            groups.setdefault(self.learners[n][0].input_spec.crops_key(), []).append(n)
+        return groups
 
     @torch.inference_mode()
-    def predict(self, images: list[np.ndarray], k: int = 100, seed: int = 0, chunk: int = 256) -> list[Prediction]:
-        """Radiographs ``(H,W) float32 [0,1]`` → one :class:`Prediction` each."""
-        from .sampler import sample_patches
-        from .vote import predict_distribution, vote
+    def learner_distributions(self, prep: Prepared, k: int, seed: int, chunk: int = 256,
+                              keep_crops: bool = False) -> tuple[torch.Tensor, np.ndarray | None, dict[str, np.ndarray]]:
+        """Each learner's distribution for prepared images: ``P (B,N,M)``, centres of the first patch group
+        ``(B,K,2)`` and (``keep_crops``) each learner's per-crop probabilities ``(B,K,M)``."""
+        seeds = [image_seed(w, seed) for w in prep.work[:, 0].numpy()]
+        per_learner: dict[str, torch.Tensor] = {}
+        crop_probs: dict[str, np.ndarray] = {}
+        centres_out = None
+        work, masks = prep.work.to(self.device), prep.masks.to(self.device)
+        for names in self._groups().values():
+            spec: InputSpec = self.learners[names[0]][0].input_spec
+            kk = k if spec.mode == "patch" else 1
+            x, centres, _ = make_inputs(work, masks, spec, kk, seeds=seeds)
+            if centres is not None and centres_out is None:
+                centres_out = centres.cpu().numpy()
+            for n in names:
+                dists, crops = [], []
+                for model in self.learners[n]:
+                    logits = predict_distribution(model, x, chunk_size=chunk)
+                    hard, soft = vote(logits)
+                    dists.append(soft if self.distribution == "soft" else hard)
+                    if keep_crops:
+                        crops.append(torch.softmax(logits, dim=2))
+                per_learner[n] = torch.stack(dists).mean(0)
+                if keep_crops:
+                    crop_probs[n] = torch.stack(crops).mean(0).cpu().numpy()
+        P = torch.stack([per_learner[n] for n in self.names], dim=1).float()
+        return P, centres_out, crop_probs
 
-        work = [resize(im, WORK_SIZE, "area") for im in images]
-        probs = self.segmenter.predict_prob(work)
-        masks = [postprocess(p, self.segmenter.threshold) for p in probs]
-        # uint8 as in the training cache, so inputs match what the learners saw.
-        imgs = torch.from_numpy(np.stack([to_uint8(w) for w in work])).unsqueeze(1).to(self.device)
-        msk = torch.from_numpy(np.stack(masks)).unsqueeze(1).to(self.device)
-        factor = patch_scale(self.patch_size, self.learner_input)
-        imgs, msk = downscale(imgs, msk, factor)  # as in training (patch_train.InputMaker)
-        gen = torch.Generator().manual_seed(seed)
-        crops, centres = sample_patches(imgs, msk, k, size=self.learner_input, generator=gen, mask_outside=self.mask_outside)
-        centres = centres * factor  # report centres at 1024²
-        x = crops.float().div_(255.0)
-        dist_key = self.flannel_cfg.get("distribution", "soft")
-        per_learner = []
-        for name in self.names:
-            fold_dists = []
-            for model in self.learners[name]:
-                hard, soft = vote(predict_distribution(model, x, chunk_size=chunk))
-                fold_dists.append(soft if dist_key == "soft" else hard)
-            per_learner.append(torch.stack(fold_dists).mean(0))
-        P = torch.stack(per_learner, dim=1).float()  # (B,N,M)
-        z, w = self.flannel(P)
-        y = torch.softmax(z, dim=1)
-        return [Prediction(y[i].cpu().numpy(), P[i].cpu().numpy(), w[i].cpu().numpy(), masks[i], centres[i].cpu().numpy())
-                for i in range(len(images))]
+    @torch.inference_mode()
+    def combine(self, P: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``P (B,N,M)`` → (calibrated probabilities, raw probabilities, FLANNEL weights or None)."""
+        out = self.combiner(P.to(self.device))
+        z, w = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+        z = z.double().cpu()
+        return (torch.softmax(self.calibrator(z), dim=1).numpy(), torch.softmax(z, dim=1).numpy(),
+                None if w is None else w.double().cpu().numpy())
+
+    def predict(self, images: Any, k: int | None = None, seed: int = 0, batch_size: int = 4,
+                keep_crops: bool = False) -> list[Prediction]:
+        """Images (paths, arrays, lists: see :func:`patchflannel.io.as_images`) → one :class:`Prediction` each."""
+        imgs = as_images(images)
+        k = self.default_k if k is None else int(k)
+        if k < 1:
+            raise ValueError(f"k must be ≥ 1, got {k}")
+        preds: list[Prediction] = []
+        for s in range(0, len(imgs), batch_size):
+            preds += self._predict_batch(imgs[s:s + batch_size], k, seed, keep_crops)
+        return preds
+
+    def _predict_batch(self, imgs: Sequence[np.ndarray], k: int, seed: int, keep_crops: bool) -> list[Prediction]:
+        prep = prepare(imgs, self.segmenter)
+        P, centres, crops = self.learner_distributions(prep, k, seed, keep_crops=keep_crops)
+        probs, raw, w = self.combine(P)
+        out = []
+        for i in range(len(imgs)):
+            q = prep.quality[i]
+            status, msg = "ok", ""
+            if q.lung_fraction == 0:
+                status, msg = "no_lung", "no lung found in the image: no prediction made (is it a chest radiograph?)"
+            nan = np.full(len(self.classes), np.nan)
+            out.append(Prediction(
+                classes=self.classes, probs=probs[i] if status == "ok" else nan, raw_probs=raw[i] if status == "ok" else nan,
+                learner_names=self.names, learner_probs=P[i].cpu().numpy(),
+                learner_weights=None if w is None else w[i], mask=prep.masks[i, 0].numpy(), quality=q,
+                centres=None if centres is None else centres[i], k=k, seed=seed, status=status, message=msg,
+                crop_probs={n: c[i] for n, c in crops.items()}))
+        return out
+
+    def __call__(self, images: Any, **kwargs: Any) -> list[Prediction]:
+        return self.predict(images, **kwargs)
 
 
-def export_ensemble(ensemble_out: str | os.PathLike, dest: str | os.PathLike = DEFAULT_ENSEMBLE, half: bool = True) -> Path:
-    """Copy a FLANNEL model and the fold models of its learners into ``dest``.
+def _half_copy(m: Learner) -> Learner:
+    import copy
 
-    ``ensemble_out`` is an ``ensemble`` output folder; its ``flannel.json``
-    names the train-patch runs and learners. Learner weights are stored in
-    float16 when ``half`` (halves the repository size; predictions are made
-    in float32).
-    """
-    import json
-
-    src = Path(ensemble_out)
-    dest = Path(dest)
-    state, fcfg = load_weights(src / "flannel")
-    (dest / "learners").mkdir(parents=True, exist_ok=True)
-    save_weights(state, dest / "flannel", fcfg)
-    for name in fcfg["learners"]:
-        found = False
-        for run in fcfg.get("source_runs", []):
-            ldir = Path(run) / name
-            for fold in sorted(ldir.glob("fold*/best.safetensors")):
-                st, cfg = load_weights(fold)
-                if half:
-                    st = {k: (v.half() if v.is_floating_point() else v) for k, v in st.items()}
-                    cfg["stored_dtype"] = "float16"
-                save_weights(st, dest / "learners" / f"{name}_{fold.parent.name}", cfg)
-                found = True
-            if found:
-                metrics = ldir / "metrics.json"
-                if metrics.exists():
-                    m = json.loads(metrics.read_text())
-                    write_json(dest / "learners" / f"{name}_metrics.json", {"test_summary": m.get("test_summary")})
-                break
-        if not found:
-            raise WeightsNotFoundError(f"fold models of learner {name} not found in the source runs {fcfg.get('source_runs')}")
-    for extra in ("table.md", "claims.md"):
-        if (src / extra).exists():
-            shutil.copyfile(src / extra, dest / extra)
-    return dest
+    h = copy.deepcopy(m)
+    for p in h.parameters():
+        p.data = p.data.half()
+    for name, b in h.backbone.named_buffers():
+        if b.is_floating_point():
+            b.data = b.data.half()
+    return h

@@ -18,25 +18,27 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from .metrics import atomic_path
+from ._files import atomic_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_confusion", "plot_roc_pr", "plot_training_history", "plot_weight_distribution"]
+__all__ = ["new_figure", "save_figure", "plot_confusion", "plot_roc_pr", "plot_training_history", "plot_weight_distribution"]
 
 _DPI = 120
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    """A matplotlib Figure on its own Agg canvas (no pyplot state)."""
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = _DPI) -> Path:
+    """Write ``fig`` as PNG, atomically."""
     with atomic_path(path) as tmp:
         # The temp name ends in .tmp, so the format must be explicit.
-        fig.savefig(tmp, format="png", dpi=_DPI)
+        fig.savefig(tmp, format="png", dpi=dpi)
     logger.debug("wrote %s", path)
     return Path(path)
 
@@ -60,7 +62,7 @@ def plot_confusion(
     rates = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
 
     size = 2.0 + 0.9 * m
-    fig = _new_figure(size + 1.0, size)
+    fig = new_figure(size + 1.0, size)
     ax = fig.add_subplot()
     im = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, label="fraction of true class")
@@ -72,7 +74,7 @@ def plot_confusion(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc_pr(
@@ -102,7 +104,7 @@ def plot_roc_pr(
     models = dict(proba) if isinstance(proba, Mapping) else {"model": proba}
     truth = y == k
 
-    fig = _new_figure(10.0, 4.5)
+    fig = new_figure(10.0, 4.5)
     ax_roc, ax_pr = fig.subplots(1, 2)
     name = class_names[k]
     limits = {"xlim": (0, 1), "ylim": (0, 1.02)}
@@ -130,7 +132,7 @@ def plot_roc_pr(
         ax_pr.legend(loc="best", fontsize="small")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_weight_distribution(
@@ -147,7 +149,7 @@ def plot_weight_distribution(
     weights = np.asarray(w, dtype=np.float64)
     if weights.ndim != 2 or weights.shape[1] != len(learner_names) or weights.shape[0] == 0:
         raise ValueError(f"w must be (n,{len(learner_names)}) with n >= 1, got {weights.shape}")
-    fig = _new_figure(1.5 + 1.1 * len(learner_names), 4.0)
+    fig = new_figure(1.5 + 1.1 * len(learner_names), 4.0)
     ax = fig.add_subplot()
     ax.axhline(0.0, color="crimson", linewidth=1, linestyle="--", zorder=0)
     ax.boxplot(weights, showmeans=True, flierprops={"markersize": 2})
@@ -157,7 +159,7 @@ def plot_weight_distribution(
     ax.set_ylim(-1.05, 1.05)
     ax.tick_params(axis="x", labelrotation=20)
     ax.set_title(f"{title} (n = {weights.shape[0]})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_history(
@@ -181,7 +183,7 @@ def plot_training_history(
     n = max(len(v) for v in curves.values())
     epochs = np.asarray(history.get("epoch", range(1, n + 1)), dtype=np.float64)
 
-    fig = _new_figure(10.0, 4.0)
+    fig = new_figure(10.0, 4.0)
     ax_loss, ax_f1 = fig.subplots(1, 2)
     for key in ("train_loss", "val_loss"):
         if key in curves:
@@ -198,4 +200,4 @@ def plot_training_history(
     if best_epoch is not None:
         ax_f1.legend(fontsize="small")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

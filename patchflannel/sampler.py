@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sample_centres", "extract_patches", "sample_patches"]
+__all__ = ["extract_patches", "image_generators", "sample_centres", "sample_patches"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +65,25 @@ def _block_counts(flat: Tensor) -> Tensor:
     return lanes.sum(dim=2, dtype=torch.int64)
 
 
-def sample_centres(masks: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per image, seeded with that image's seed."""
+    return [torch.Generator().manual_seed(int(s) & 0x7FFFFFFFFFFFFFFF) for s in seeds]
+
+
+def sample_centres(masks: Tensor, k: int, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
     """Draw K patch centres per image, uniformly over each image's mask pixels.
 
     Args:
         masks: (B,1,H,W) bool, True inside the lungs. Bool values must be 0/1
             bytes (as every torch/numpy bool is).
         k: number of centres per image, >= 1. Drawn with replacement.
-        generator: seeds the draw. The uniforms are drawn on the generator's
-            device and then moved to the masks' device, so a CPU generator
-            gives identical centres for CPU and CUDA masks. ``None`` uses the
-            global RNG of the masks' device.
+        generator: seeds the draw: one generator for the whole batch, or a
+            sequence of B generators, one per image — then each image's
+            centres depend only on its own generator and mask, never on the
+            other images in the batch or their order. The uniforms are drawn
+            on the generator's device and then moved to the masks' device, so
+            a CPU generator gives identical centres for CPU and CUDA masks.
+            ``None`` uses the global RNG of the masks' device.
 
     Returns:
         centres: (B,K,2) int64 (row, col) on the masks' device. Each centre is
@@ -118,9 +127,15 @@ def sample_centres(masks: Tensor, k: int, generator: torch.Generator | None = No
     # Empty images draw a rank over all pixels; their index is used directly.
     population = torch.where(empty, n_pixels, counts)
 
-    gen_device = generator.device if generator is not None else device
-    uniforms = torch.rand((batch, k), generator=generator, dtype=torch.float64, device=gen_device)
-    uniforms = uniforms.to(device)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images; pass one per image")
+        uniforms = torch.cat([torch.rand((1, k), generator=g, dtype=torch.float64, device=g.device).to(device)
+                              for g in generator])
+    else:
+        gen_device = generator.device if generator is not None else device
+        uniforms = torch.rand((batch, k), generator=generator, dtype=torch.float64, device=gen_device)
+        uniforms = uniforms.to(device)
     # Rank of the drawn pixel among the mask's pixels: 0 .. count-1. float64 has
     # 53 random bits, so the bias of floor(u·n) is negligible for any image size;
     # the clamp guards against u·n rounding up to n.
@@ -251,7 +266,7 @@ def sample_patches(
     masks: Tensor,
     k: int,
     size: int = 224,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     mask_outside: bool = False,
     fill: float = 0.0,
 ) -> tuple[Tensor, Tensor]:

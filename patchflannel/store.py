@@ -30,15 +30,13 @@ import h5py
 import numpy as np
 
 from . import __version__
+from ._files import _umask
+from .errors import StoreError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SIZE = 1024
-
-
-class StoreError(ValueError):
-    """A store file is missing, incomplete or not a patchflannel store."""
 
 
 class StoreWriter:
@@ -51,6 +49,7 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike, with_masks: bool = True, size: int = SIZE,
                  provenance: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
+        self.documents: dict[str, Any] = {}  # JSON documents stored as string datasets (no 64 KB attribute limit)
         self.size = size
         self.with_masks = with_masks
         self.provenance = provenance or {}
@@ -93,12 +92,15 @@ class StoreWriter:
         str_dt = h5py.string_dtype("utf-8")
         self.h5.create_dataset("ids", data=np.array(self._ids, dtype=object), dtype=str_dt)
         self.h5.create_dataset("meta", data=np.array(self._meta, dtype=object), dtype=str_dt)
+        for name, doc in self.documents.items():
+            self.h5.create_dataset(f"doc_{name}", data=json.dumps(doc, default=str), dtype=str_dt)
         self.h5.attrs["format_version"] = FORMAT_VERSION
         self.h5.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
         self.h5.attrs["code_version"] = __version__
         self.h5.attrs["provenance"] = json.dumps(self.provenance, default=str)
         self.h5.attrs["complete"] = True  # last: a crash before this leaves an incomplete file
         self.h5.close()
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp made it 0600
         os.replace(self.tmp, self.path)
         return self.path
 
@@ -136,6 +138,7 @@ class Store:
         self.meta: list[dict[str, Any]] = [json.loads(s) for s in self.h5["meta"].asstr()[()]]
         self.provenance: dict[str, Any] = json.loads(self.h5.attrs.get("provenance", "{}"))
         self.has_masks = "masks" in self.h5
+        self.documents: dict[str, Any] = {k[4:]: json.loads(self.h5[k].asstr()[()]) for k in self.h5 if k.startswith("doc_")}
         self.index = {k: i for i, k in enumerate(self.ids)}
 
     def __len__(self) -> int:
