@@ -108,7 +108,7 @@ class PatchTrainConfig(Section):
     split: PatchSplitConfig = PatchSplitConfig()
     input: PatchInputConfig = PatchInputConfig()
     learners: list[str] = ["shufflenet_v2_x1_0"]  # NAME = patch learner, global-NAME = whole-image learner
-    pretrained: str | None = None  # null = random init; "true" = torchvision ImageNet weights from $TORCH_HOME; or a path
+    pretrained: bool | str | None = None  # null/false = random init; true = torchvision ImageNet weights from $TORCH_HOME; or a path
     k: int = Field(default=100, ge=1, le=2000)  # crops per image when voting (out-of-fold and test)
     k_val: int = Field(default=16, ge=1, le=2000)  # crops per image for early stopping
     train: PatchTrainSection = PatchTrainSection()
