@@ -154,7 +154,7 @@ def check_name(name: str, what: str = "name") -> str:
     become file names; ``../x``, ``/abs``, separators and hidden names would
     let a crafted file write or read outside its folder.
     """
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"{what} {name!r} is not a safe file name (letters, digits, '.', '_', '+', '-'; "
                          "no path separators, not starting with '.')")
     return name

@@ -92,8 +92,8 @@ class OutputDir:
         self.open()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
+        self.close("finished" if exc_type is None else "failed")
 
     def open(self) -> None:
         p = self.path

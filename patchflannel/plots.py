@@ -196,7 +196,8 @@ def plot_training_history(
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
     ax_loss.set(ylabel="loss", title="loss")
     ax_f1.set(ylabel="macro-F1", title="validation macro-F1")
-    ax_loss.legend(fontsize="small")
+    if "train_loss" in curves or "val_loss" in curves or best_epoch is not None:
+        ax_loss.legend(fontsize="small")  # an empty legend() only warns "no artists with labels"
     if best_epoch is not None:
         ax_f1.legend(fontsize="small")
     fig.suptitle(title)

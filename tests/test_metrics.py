@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -15,8 +14,6 @@ from patchflannel.metrics import (
     flatten_report,
     format_table,
     summarise,
-    write_csv,
-    write_json,
 )
 
 CLASSES = ["normal", "pneumonia", "COVID"]
@@ -121,23 +118,54 @@ def test_format_table() -> None:
     assert "COVID sens." in format_table({"m": r}, CLASSES, positive="COVID")
 
 
-def test_write_json_nan_safe_and_atomic(tmp_path: Path) -> None:
-    out = tmp_path / "sub" / "metrics.json"
-    obj = {"a": math.nan, "b": np.float32(0.5), "c": np.arange(3), "d": [math.inf, 1], "e": np.int64(2)}
-    write_json(out, obj)
+def test_report_with_nan_writes_strict_json(tmp_path: Path) -> None:
+    """A report of a fold without COVID holds NaN; written through _files.write_json it is strict JSON."""
+    from patchflannel._files import write_json
+
+    r = classification_report_dict(np.array([0, 0, 1, 1, 1, 0]), PROBA, CLASSES)
+    out = write_json(tmp_path / "metrics.json", r)
     loaded = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
-    assert loaded == {"a": None, "b": 0.5, "c": [0, 1, 2], "d": [None, 1], "e": 2}
-    # a failed write leaves the previous file intact and no temp file behind
-    with pytest.raises(TypeError):
-        write_json(out, {"x": object()})
-    assert json.loads(out.read_text())["b"] == 0.5
-    assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]
+    assert loaded["per_class"]["COVID"]["roc_auc"] is None
+    assert loaded["positive"]["sensitivity"] is None
+    assert loaded["confusion_matrix"] == r["confusion_matrix"]
+    assert loaded["accuracy"] == pytest.approx(r["accuracy"])
 
 
-def test_write_csv(tmp_path: Path) -> None:
-    out = tmp_path / "rows.csv"
-    write_csv(out, [{"model": "a", "f1": 0.5}, {"model": "b", "auc": math.nan, "f1": None}])
-    with open(out, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert rows == [{"model": "a", "f1": "0.5", "auc": ""}, {"model": "b", "f1": "", "auc": "nan"}]
-    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+def test_logits_and_argmax() -> None:
+    """Scores need not be probabilities: logits give the same report (prediction = argmax)."""
+    logits = np.log(PROBA) * 3.0 - 7.0
+    a = classification_report_dict(Y, PROBA, CLASSES)
+    b = classification_report_dict(Y, logits, CLASSES)
+    assert a["confusion_matrix"] == b["confusion_matrix"]
+    assert a["positive"]["roc_auc"] == pytest.approx(b["positive"]["roc_auc"])
+    assert a["macro_f1"] == pytest.approx(b["macro_f1"])
+
+
+def test_report_shape_and_range_errors() -> None:
+    with pytest.raises(ValueError, match="expected y_true"):
+        classification_report_dict(Y[:5], PROBA, CLASSES)
+    with pytest.raises(ValueError, match="zero samples"):
+        classification_report_dict(np.array([], dtype=int), np.zeros((0, 3)), CLASSES)
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
+        classification_report_dict(np.array([0, 0, 1, 1, 2, 3]), PROBA, CLASSES)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        classification_report_dict(Y, np.where(PROBA > 0.7, np.inf, PROBA), CLASSES)
+
+
+def test_summarise_edge_cases() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        summarise([])
+    s = summarise([{"auc": math.nan, "f1": 0.5}, {"auc": math.nan, "f1": 0.7}, {"f1": 0.9}])
+    assert math.isnan(s["auc"]["mean"]) and math.isnan(s["auc"]["std"]) and s["auc"]["n"] == 0
+    assert s["f1"]["mean"] == pytest.approx(0.7) and s["f1"]["std"] == pytest.approx(0.2) and s["f1"]["n"] == 3
+    assert flatten_report({"flag": True, "x": None, "m": {"a": np.float32(0.5)}}) == {"m.a": 0.5}
+
+
+def test_format_table_dash_ties_and_no_bold_for_one_row() -> None:
+    a = summarise([{"macro_f1": 0.8, "accuracy": math.nan}])
+    b = summarise([{"macro_f1": 0.8, "accuracy": 0.5}])
+    lines = format_table({"A": a, "B": b}, []).strip().splitlines()
+    assert lines[2] == "| A | **0.800 (0.000)** | – |"  # NaN → dash; ties are all bold
+    assert lines[3] == "| B | **0.800 (0.000)** | **0.500 (0.000)** |"
+    single = format_table({"A": b}, [], bold_best=True, digits=2)
+    assert "**" not in single and "| A | 0.80 (0.00) | 0.50 (0.00) |" in single

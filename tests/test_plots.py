@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from patchflannel.errors import OutputError
 from patchflannel.plots import plot_confusion, plot_roc_pr, plot_training_history, plot_weight_distribution
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,3 +75,28 @@ def test_training_history(tmp_path: Path) -> None:
     assert_png(plot_training_history(history, tmp_path / "h.png", best_epoch=2))
     with pytest.raises(ValueError, match="history has none"):
         plot_training_history({"lr": [0.1]}, tmp_path / "bad.png")
+
+
+def test_roc_pr_rejects_bad_input(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    y, proba = data
+    with pytest.raises(ValueError, match="not one of"):
+        plot_roc_pr(y, proba, CLASSES, "sars", tmp_path / "x.png")
+    with pytest.raises(ValueError, match="proba of 'model' must be"):
+        plot_roc_pr(y, proba[:, :3], CLASSES, "covid", tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temp left
+
+
+def test_replacing_a_figure_and_folder_in_the_way(tmp_path: Path) -> None:
+    out = tmp_path / "cm.png"
+    out.write_bytes(b"old")
+    plot_confusion(np.eye(2, dtype=int) * 3, ["a", "b"], out)
+    assert_png(out)
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        plot_confusion(np.eye(2, dtype=int), ["a", "b"], tmp_path / "dir.png")
+
+
+def test_history_without_epochs_or_best(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "No artists with labels" warning for an empty loss panel
+        assert_png(plot_training_history({"val_macro_f1": [0.2, 0.5, 0.4, 0.6]}, tmp_path / "h.png"))
