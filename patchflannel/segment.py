@@ -270,12 +270,19 @@ class LungSegmenter:
 
     def describe(self) -> dict[str, Any]:
         """The architecture and data config of this segmenter (JSON-ready)."""
-        enc = self.config.get("encoder") or getattr(getattr(self.model, "encoder", None), "name", "resnet18")
+        # Without a config (a LungSegmenter built around a model), read the architecture off the model,
+        # or from_pretrained would rebuild a different U-Net than the one saved.
+        name = str(getattr(self.model, "name", ""))
+        enc = self.config.get("encoder") or (name[2:] if name.startswith("u-") else "resnet18")
+        try:
+            dec = [int(b.conv2[0].out_channels) for b in self.model.decoder.blocks]
+        except (AttributeError, IndexError, TypeError):
+            dec = [128, 64, 32, 16, 16]
         return {
             "task": TASK,
             "architecture": "segmentation_models_pytorch.Unet",
             "encoder": enc,
-            "decoder_channels": list(self.config.get("decoder_channels") or (128, 64, 32, 16, 16)),
+            "decoder_channels": list(self.config.get("decoder_channels") or dec),
             "in_channels": 1,
             "conventions": list(self.conventions),
             "input_normalisation": "x - 0.5 after preprocessing to [0,1]",
