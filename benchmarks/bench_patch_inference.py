@@ -3,27 +3,27 @@
 One run times, for the same learner, K, patch size and learner input:
 
 (a) ``batched`` — the project's path, making the learner inputs exactly as
-    ``Pipeline.predict`` and ``patch_train.InputMaker`` do. Images are already
+    ``Classifier.predict`` and training do (``learners.make_inputs`` with one
+    seed per image, ``pipeline.image_seed``: hashed from the image's content). Images are already
     decoded (uint8 ``(N,1,1024,1024)``) and lung masks already in memory, as in
     the training cache. Per batch of B images: move the images/masks to the
     device (a no-op on CPU); shrink them ONCE by the integer factor
     ``patch_size / learner_input`` (224 / 112 = 2 by default) with
-    ``patch_train.downscale`` (area average of the uint8 image, rounded; a
-    mask pixel stays lung when at least half its block is); ``sample_patches``
+    ``learners.shrink`` (area average of the uint8 image, rounded; a
+    mask pixel stays lung when at least half its block is); ``sample_centres`` + ``extract_patches``
     with ``size=learner_input`` on the shrunk images (K in-lung centres per
     image, one gather, image zeroed outside the shrunk lungs) — the field of
     view of a 224 crop at 1024², at the learner's resolution; uint8 crops →
     ``.float().div_(255)``; ``predict_distribution`` (chunked forward) and
     ``vote``; the votes are copied to the CPU. There is no per-crop
-    interpolation. The ``downscale`` call is inside the timed region, once per
-    batch, because ``Pipeline.predict`` shrinks the images of every call, so
-    at prediction time it is a per-image cost (training's ``InputMaker``
-    shrinks its whole cache once, up front, and does not pay it per step).
+    interpolation. The ``shrink`` call is inside the timed region, once per
+    batch, because ``Classifier.predict`` shrinks the images of every call, so
+    at prediction time it is a per-image cost; so is the per-image seed hash.
     ``--learner-input 224`` means factor 1: no shrink, crops of 224 at 1024².
 (b) ``reference`` — a reimplementation of the reference method's loop: for each
     of K passes, for each image, decode the image file (``read_image``), resize
     it to 1024², read the SCR mask files and resize them to 1024² (both via
-    ``load_case``), ``np.nonzero`` the mask, pick one centre, crop one padded
+    ``load_seg_case``), ``np.nonzero`` the mask, pick one centre, crop one padded
     224 patch at 1024², area-resize it to the learner input (the reference has
     no shrunk image to crop from), forward it with batch size 1 and keep the
     logits; then a per-image vote. It is slow, so it runs on
@@ -53,7 +53,8 @@ voting cost a few percent of the forward). speedup_a_vs_b = time b / time a for 
 images × K: target >= 10.
 
 Weights: random init by default (timing does not depend on the values);
-``--weights PATH`` loads a learner saved by ``train-patch`` (safetensors + JSON).
+``--weights DIR`` loads a learner folder saved by ``train-patch`` (``RUN/<learner>/fold0/best``, or a member
+folder of a shipped classifier, ``weights/ensemble/learners/<learner>/<member>``).
 
 Usage (full settings; takes a few minutes on 2 CPU cores)::
 
@@ -77,11 +78,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
+from patchflannel.data import SegCase, load_seg_case
+from patchflannel.errors import PatchflannelError
 from patchflannel.io import resize, to_uint8
-from patchflannel.learners import create_learner, list_learners
-from patchflannel.patch_train import downscale, patch_scale
-from patchflannel.sampler import sample_patches
-from patchflannel.segment import WORK_SIZE, JsrtCase, load_case
+from patchflannel.learners import InputSpec, Learner, create_learner, list_learners, make_inputs
+from patchflannel.pipeline import image_seed
+from patchflannel.segment import WORK_SIZE
 from patchflannel.vote import predict_distribution, vote
 
 NAME = "patch_inference"
@@ -113,7 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"learner input side, a divisor of {PATCH_SIZE}: images are shrunk once by {PATCH_SIZE}/side and "
                         f"crops of this side taken there; {PATCH_SIZE} = no shrink "
                         f"(default: the --weights sidecar's value, else {DEFAULT_LEARNER_INPUT} as configs/patch_cpu.yaml)")
-    p.add_argument("--weights", type=Path, default=None, help="learner .safetensors (+ .json) from train-patch; default random init")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="learner folder (config.json + model.safetensors) from train-patch; default random init")
     p.add_argument("--chunk-size", type=int, default=256, help="crops per forward (predict_distribution's chunk_size)")
     p.add_argument("--no-mask-outside", dest="mask_outside", action="store_false",
                    help="do not zero the image outside the lungs in each crop (default: zero it, as configs/patch_cpu.yaml)")
@@ -144,15 +147,14 @@ def build_learner(args: argparse.Namespace, device: torch.device) -> tuple[nn.Mo
     """→ (model in eval mode on device, learner name, learner input side, where the input side came from)."""
     sidecar_input: int | None = None
     if args.weights is not None:
-        from patchflannel.weights import load_weights
-
-        state, cfg = load_weights(args.weights)
-        name = cfg.get("learner")
-        if name is None:
-            raise SystemExit(f"error: {args.weights}: sidecar has no 'learner' entry; not a patch learner from train-patch")
-        model = create_learner(name, num_classes=len(cfg.get("classes", range(NUM_CLASSES))), in_chans=1)
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-        sidecar_input = cfg.get("learner_input")
+        try:
+            model = Learner.from_pretrained(args.weights)
+        except PatchflannelError as exc:
+            raise SystemExit(f"error: --weights {args.weights}: {exc}") from None
+        name = model.name
+        if model.input_spec.mode != "patch":
+            raise SystemExit(f"error: --weights {args.weights}: a whole-image learner; this benchmark times patch learners")
+        sidecar_input = model.input_spec.learner_input
     else:
         name = args.learner
         try:
@@ -168,17 +170,17 @@ def build_learner(args: argparse.Namespace, device: torch.device) -> tuple[nn.Mo
     else:
         side, source = DEFAULT_LEARNER_INPUT, "default, as configs/patch_cpu.yaml learner_input"
     try:
-        patch_scale(PATCH_SIZE, side)
+        InputSpec("patch", PATCH_SIZE, side)
     except ValueError as exc:
         raise SystemExit(f"error: learner input {side} ({source}): {exc}") from None
     return model.to(device).eval(), name, side, source
 
 
-def load_decoded(cases: list[JsrtCase]) -> tuple[Tensor, Tensor]:
+def load_decoded(cases: list[SegCase]) -> tuple[Tensor, Tensor]:
     """Decode once (untimed): uint8 images ``(N,1,1024,1024)`` and bool masks ``(N,1,1024,1024)`` on the CPU."""
     images, masks = [], []
     for case in cases:
-        img, mask = load_case(case)
+        img, mask, _ = load_seg_case(case, WORK_SIZE)
         images.append(to_uint8(img))
         masks.append(mask)
     return torch.from_numpy(np.stack(images)).unsqueeze(1), torch.from_numpy(np.stack(masks)).unsqueeze(1)
@@ -204,22 +206,23 @@ class BatchedPath:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.factor = patch_scale(PATCH_SIZE, self.learner_input)  # 1 for learner_input 224: no shrink
+        self.spec = InputSpec("patch", PATCH_SIZE, self.learner_input, mask_outside=self.mask_outside)
+        self.factor = self.spec.factor  # 1 for learner_input 224: no shrink
 
-    def make_inputs(self, imgs: Tensor, msk: Tensor, gen: torch.Generator) -> Tensor:
-        """One batch's learner inputs ``(B,K,1,s,s)`` float [0,1], s = learner input, as ``Pipeline.predict``:
-        shrink once by the integer factor, crop at the learner's size there, uint8 → float."""
-        imgs, msk = downscale(imgs, msk, self.factor)
-        crops, _ = sample_patches(imgs, msk, self.k, size=self.learner_input, generator=gen, mask_outside=self.mask_outside)
-        return crops.float().div_(255.0)
+    def make_inputs(self, imgs: Tensor, msk: Tensor) -> Tensor:
+        """One batch's learner inputs ``(B,K,1,s,s)`` float [0,1], s = learner input, as ``Classifier.predict``:
+        per-image seeds from the image content, shrink once by the integer factor, crop at the learner's size
+        there, uint8 → float (``learners.make_inputs``)."""
+        seeds = [image_seed(w, self.seed) for w in imgs[:, 0].cpu().numpy()]
+        x, _, _ = make_inputs(imgs, msk, self.spec, self.k, seeds=seeds)
+        return x
 
     def __call__(self) -> list[tuple[Tensor, Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed)
         out = []
         for start in range(0, self.images.shape[0], self.batch_size):
             imgs = self.images[start:start + self.batch_size].to(self.device)
             msk = self.masks[start:start + self.batch_size].to(self.device)
-            x = self.make_inputs(imgs, msk, gen)  # downscale timed here, per batch (predict does it per call)
+            x = self.make_inputs(imgs, msk)  # shrink timed here, per batch (predict does it per call)
             hard, soft = vote(predict_distribution(self.model, x, chunk_size=self.chunk_size, amp=self.amp))
             out.append((hard.cpu(), soft.cpu()))
         return out
@@ -291,7 +294,7 @@ class ReferenceLoop:
     """The reference's per-patch loop (see module docstring, (b)); counts centres outside the lungs."""
 
     model: nn.Module
-    cases: list[JsrtCase]
+    cases: list[SegCase]
     k: int
     learner_input: int
     mask_outside: bool
@@ -308,7 +311,7 @@ class ReferenceLoop:
         autocast = torch.autocast(device_type=self.device.type) if self.amp else torch.autocast(self.device.type, enabled=False)
         for _ in range(self.k):
             for i, case in enumerate(self.cases):
-                img, mask = load_case(case, WORK_SIZE)  # decode + resize image and mask files, every patch
+                img, mask, _ = load_seg_case(case, WORK_SIZE)  # decode + resize image and mask files, every patch
                 row, col = reference_centre(mask, rng, self.centres)
                 self.drawn += 1
                 self.outside += int(not mask[row, col])
@@ -386,8 +389,8 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
         rows.append({"path": "a_batched", "batch_size": b, "images": args.images, "k": args.k, "patches": n_patches,
                      "seconds": ta, "ratio_a_over_c": ta / tc, "speedup_a_vs_b": ref_full_seconds / ta,
                      "extrapolated": False, "repeats": timing["a"].repeats, "seconds_min": timing["a"].min,
-                     "note": f"decoded uint8 images + masks in memory; per batch: downscale x{factor} "
-                             f"(timed) + sample_patches {side}px + float/255 + predict_distribution + vote; "
+                     "note": f"decoded uint8 images + masks in memory; per batch: image seeds + downscale x{factor} "
+                             f"(timed) + in-lung crops {side}px (make_inputs) + predict_distribution + vote; "
                              "speedup vs the extrapolated b row"})
         rows.append({"path": "c_forward", "batch_size": b, "images": args.images, "k": args.k, "patches": n_patches,
                      "seconds": tc, "extrapolated": False, "repeats": timing["c"].repeats, "seconds_min": timing["c"].min,

@@ -19,10 +19,11 @@ end-to-end time. ``--no-split`` skips it.
 
 Goal: >= 4 images/s on the project's 2-core CPU.
 
-Weights: ``weights/lung_unet`` by default. ``--random-weights`` uses a randomly
+Weights: the shipped ``lung_unet`` by default (``--weights NAME_OR_PATH``, resolved like the
+CLI's, e.g. ``--weights lung_unet_jsrt``). ``--random-weights`` uses a randomly
 initialised U-Net of the shipped architecture (``build_unet('resnet18',
-(128,64,32,16,16))`` + ``Preprocess(size=256)``, CLAHE): same shapes, same
-timing, meaningless masks (postprocessing time can differ somewhat, since it
+(128,64,32,16,16), 2)`` for the scr + full conventions + ``Preprocess(size=256)``, CLAHE):
+same shapes, same timing, meaningless masks (postprocessing time can differ somewhat, since it
 depends on how many connected components the masks have).
 
 Usage (full settings: all ~200 JSRT images; a few minutes on 2 CPU cores)::
@@ -48,16 +49,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
+from patchflannel.errors import PatchflannelError
 from patchflannel.io import read_image, resize
 from patchflannel.segment import (
-    DEFAULT_WEIGHTS,
+    CONVENTIONS,
+    DEFAULT_SEGMENTER,
     WORK_SIZE,
     LungSegmenter,
     Preprocess,
     build_unet,
     postprocess,
 )
-from patchflannel.weights import WeightsNotFoundError
 
 NAME = "segment"
 GOAL_IMAGES_PER_S = 4.0
@@ -82,7 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=common.default_jsrt_dir(), help="JSRT folder (images + SCR lung masks)")
     p.add_argument("--images", type=int, default=None, help="number of JSRT images (default: all)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="images per LungSegmenter.predict call")
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="segmenter weights (.safetensors + .json)")
+    p.add_argument("--weights", default=DEFAULT_SEGMENTER,
+                   help="segmenter weights: a name (lung_unet, lung_unet_jsrt) or a path (folder or .safetensors)")
     p.add_argument("--random-weights", action="store_true",
                    help=f"random U-Net of the shipped architecture ({RANDOM_ENCODER}, {list(RANDOM_DECODER)}, "
                         f"input {RANDOM_NET_SIZE}) instead of --weights; same timing")
@@ -101,11 +104,12 @@ def build_segmenter(args: argparse.Namespace, device: torch.device) -> tuple[Lun
     """→ (segmenter, weights description, encoder name)."""
     if args.random_weights:
         torch.manual_seed(args.seed)
-        model = build_unet(RANDOM_ENCODER, RANDOM_DECODER)
-        return LungSegmenter(model, Preprocess(size=RANDOM_NET_SIZE), 0.5, device=device), "random", RANDOM_ENCODER
+        model = build_unet(RANDOM_ENCODER, RANDOM_DECODER, len(CONVENTIONS))
+        return (LungSegmenter(model, Preprocess(size=RANDOM_NET_SIZE), CONVENTIONS, 0.5, device=device), "random",
+                RANDOM_ENCODER)
     try:
         seg = LungSegmenter.from_pretrained(args.weights, device=device)
-    except WeightsNotFoundError as exc:
+    except PatchflannelError as exc:
         raise SystemExit(f"error: {exc}\nFor timing only, --random-weights uses a random U-Net of the same architecture.") from None
     return seg, str(args.weights), str(seg.config.get("encoder", "?"))
 
@@ -121,6 +125,7 @@ def segment_files(seg: LungSegmenter, paths: Sequence[Path], batch_size: int) ->
 
 def split_pass(seg: LungSegmenter, paths: Sequence[Path], batch_size: int, device: torch.device) -> dict[str, float]:
     """One instrumented pass: seconds spent in each stage (summed over all images)."""
+    channel = seg.conventions.index("scr")
     clock = common.StageClock(STAGES, device)
     spent, tick = clock.spent, clock.tick
 
@@ -134,13 +139,13 @@ def split_pass(seg: LungSegmenter, paths: Sequence[Path], batch_size: int, devic
         batch = np.stack([seg.preprocess(im) for im in images])
         t = tick("preprocess", t)
         with torch.inference_mode():
-            logits = seg.predict_logits(batch)
+            logits = seg.predict_logits(batch)[:, channel:channel + 1]
             t = tick("forward", t)
             up = F.interpolate(logits, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False)
             probs = torch.sigmoid(up)[:, 0].float().cpu().numpy()
         t = tick("upsample", t)
         for im, prob in zip(images, probs):
-            mask = postprocess(prob, seg.threshold)
+            mask, _ = postprocess(prob, seg.threshold)
             if mask.shape != im.shape:
                 mask = resize(mask, im.shape, "nearest")
         tick("postprocess", t)

@@ -62,15 +62,16 @@ def default_cxr_dir() -> Path:
 def find_jsrt_or_exit(data: Path, n_images: int | None) -> list[Any]:
     """``discover_jsrt(data)[:n_images]``, or exit with a message saying what to pass.
 
-    Returns a list of ``patchflannel.segment.JsrtCase``. There is deliberately no
+    Returns a list of ``patchflannel.data.SegCase``. There is deliberately no
     fallback to other images: every benchmark number comes from the JSRT
     radiographs and their SCR masks, so runs on different machines compare.
     """
-    from patchflannel.segment import discover_jsrt
+    from patchflannel.data import discover_jsrt
+    from patchflannel.errors import DataError
 
     try:
         cases = discover_jsrt(data)
-    except FileNotFoundError as exc:
+    except DataError as exc:
         raise SystemExit(
             f"error: {exc}.\nThe benchmarks need the JSRT radiographs with SCR lung masks "
             f"(images/*.png, masks/left_lung/*.png, masks/right_lung/*.png, or the original .IMG/.gif layout). "
@@ -90,13 +91,14 @@ def find_jsrt_or_exit(data: Path, n_images: int | None) -> list[Any]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but CUDA is not available (use --device auto or cpu)")
-    return device
+    """``auto`` → CUDA when available, else CPU; anything else must exist here (as the CLI's ``--device``)."""
+    from patchflannel.errors import DeviceError
+    from patchflannel.runtime import resolve_device as _resolve
+
+    try:
+        return _resolve(name)
+    except DeviceError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def synchronize(device: torch.device) -> None:
@@ -172,7 +174,7 @@ def _cell(value: Any) -> Any:
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str] | None = None) -> Path:
     """Write ``rows`` as CSV to ``path`` atomically (floats to 6 significant digits)."""
-    from patchflannel.weights import atomic_write_text
+    from patchflannel._files import write_text
 
     if not rows:
         raise ValueError("no rows to write")
@@ -183,7 +185,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fieldnames: Sequenc
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _cell(row.get(k)) for k in fieldnames})
-    atomic_write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
     return Path(path)
 
 

@@ -75,7 +75,7 @@ def _guard(resume_hint: str = "") -> Iterator[None]:
     try:
         yield
     except PatchflannelError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished outputs are kept (written atomically)" +
@@ -546,11 +546,12 @@ def predict(
         from .runtime import resolve_device
         from .segment import overlay
 
+        dev = resolve_device(device)  # before the output folder is created: a bad --device leaves nothing behind
         files = _input_files(inputs)
         names = unique_names(files)
         with OutputDir(out_dir, "predict", overwrite) as od:
             od.inputs = [str(f) for f in files]
-            clf = Classifier.from_pretrained(weights, device=resolve_device(device), segmenter=seg_weights)
+            clf = Classifier.from_pretrained(weights, device=dev, segmenter=seg_weights)
             cols = _predict_columns(clf.classes)
             kk = clf.default_k if k is None else k
             results: list[dict[str, Any]] = []

@@ -108,6 +108,8 @@ class OutputDir:
             raise OutputError(f"--out {p}: cannot write there ({exc.strerror or exc})") from None
         self._lock()
         manifest = p / MANIFEST
+        if manifest.exists() and not self._earlier_files(manifest):
+            manifest.unlink(missing_ok=True)  # an earlier run that wrote nothing (e.g. failed at once) owns nothing
         if manifest.exists():
             if not self.overwrite:
                 self._unlock()
@@ -155,6 +157,13 @@ class OutputDir:
     def _unlock(self) -> None:
         (self.path / LOCK).unlink(missing_ok=True)
         self._locked = False
+
+    @staticmethod
+    def _earlier_files(manifest: Path) -> list[str]:
+        try:
+            return list(json.loads(manifest.read_text()).get("files") or [])
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return ["?"]  # unreadable: treat as an earlier run's results
 
     def _remove_previous(self, manifest: Path) -> None:
         try:

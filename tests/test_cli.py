@@ -1,99 +1,220 @@
+"""The command line: commands, exit codes, one-line user errors, output folders of `predict` and `segment`.
+
+Runs in process through typer's CliRunner with the shipped weights
+(``weights/ensemble``; the legacy ``lung_unet_jsrt`` U-Net for ``segment``).
+"""
+
 from __future__ import annotations
 
+import csv
+import json
 import re
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
+from patchflannel import __version__
 from patchflannel.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
-SEG_WEIGHTS = ROOT / "weights" / "lung_unet.safetensors"
-ENSEMBLE = ROOT / "weights" / "ensemble" / "flannel.safetensors"
+SAMPLE_A = SAMPLES / "kcx-IM-0117-0001.jpg"
+SAMPLE_B = SAMPLES / "kcx-person1008_bacteria_2939.jpg"
+ENSEMBLE = ROOT / "weights" / "ensemble"
+SEG = "lung_unet_jsrt"  # pass it explicitly: the default weights/lung_unet may not exist yet
+CLASSES = ("normal", "bacteria", "virus", "covid")
 runner = CliRunner()
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def test_help_lists_commands() -> None:
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def assert_one_line_error(res: Result, code: int, *needles: str) -> str:
+    """Exit ``code``, exactly one non-empty line on stderr starting with ``error:``, no traceback."""
+    assert res.exit_code == code, res.output
+    lines = [ln for ln in plain(res.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)  # no bug escaped
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def predict(*args: str) -> Result:
+    return runner.invoke(app, ["predict", *args, "--k", "8", "--device", "cpu"])
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    """One `predict samples/ --out OUT --k 8` run with the shipped classifier, shared by the tests below."""
+    if not (ENSEMBLE / "config.json").is_file():
+        pytest.skip(f"shipped classifier {ENSEMBLE} absent")
+    out = tmp_path_factory.mktemp("predict") / "out"
+    return out, predict(str(SAMPLES), "--out", str(out))
+
+
+# --------------------------------------------------------------------------- no work
+
+
+def test_help_lists_every_command() -> None:
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
-    for cmd in ("segment", "train-seg", "eval-seg", "train-patch", "ensemble", "predict"):
-        assert cmd in res.output
+    listed = set(re.findall(r"^│ (\S+)\s", plain(res.output), flags=re.MULTILINE))
+    assert {"segment", "train-seg", "eval-seg", "export-seg", "train-patch", "ensemble", "export-ensemble",
+            "predict"} <= listed, listed
 
 
-def test_segment_shipped_sample(tmp_path: Path) -> None:
-    assert SEG_WEIGHTS.exists(), "shipped lung U-Net weights are missing from weights/"
-    sample = SAMPLES / "kcx-IM-0117-0001.jpg"
-    res = runner.invoke(app, ["segment", str(sample), "--out", str(tmp_path)])
-    assert res.exit_code == 0, res.output
-    mask = cv2.imread(str(tmp_path / "masks" / "kcx-IM-0117-0001.png"), cv2.IMREAD_UNCHANGED)
-    img = cv2.imread(str(sample), cv2.IMREAD_UNCHANGED)
-    assert mask.shape == img.shape[:2] and mask.dtype == np.uint8
-    assert set(np.unique(mask)) <= {0, 255}
-    frac = (mask > 0).mean()
-    assert 0.1 < frac < 0.6, f"lung fraction {frac:.2f} is implausible"
-    ov = cv2.imread(str(tmp_path / "overlays" / "kcx-IM-0117-0001.png"))
-    assert ov.shape[:2] == img.shape[:2]
-    assert "1/1 segmented" in plain(res.output)
+def test_version() -> None:
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and plain(res.stdout).strip() == f"patchflannel {__version__}"
 
 
-def test_segment_folder_with_bad_file_reports_and_continues(tmp_path: Path) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    (folder / "good.jpg").write_bytes((SAMPLES / "kcx-person1008_bacteria_2939.jpg").read_bytes())
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
-    store = tmp_path / "store.h5"
-    res = runner.invoke(app, ["segment", str(folder), "--out", str(tmp_path / "out"), "--store", str(store)])
-    text = plain(res.output)
-    assert res.exit_code == 1
-    assert "broken.png" in text and "Traceback" not in text
-    assert (tmp_path / "out" / "masks" / "good.png").exists()
-    assert not (tmp_path / "out" / "masks" / "broken.png").exists()
-    from patchflannel.store import Store
+def test_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    res = predict(str(SAMPLE_A), "--out", str(target))
+    assert_one_line_error(res, 2, str(target), "is a file")
+    assert target.read_text() == "keep me"
 
-    with Store(store) as s:
-        assert s.ids == ["good"] and s.mask(0).any()
+
+def test_unknown_device_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["predict", str(SAMPLE_A), "--out", str(out), "--device", "nonsense"])
+    assert_one_line_error(res, 2, "--device 'nonsense'", "cpu")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("item,section,valid", [
+    ("train.epochz=3", "train.epochz", ("epochs", "patience", "batch_size")),
+    ("trian.epochs=3", "trian", ("seed", "data", "split", "input", "learners", "train")),
+])
+def test_config_typo_names_the_valid_keys(tmp_path: Path, item: str, section: str, valid: tuple[str, ...]) -> None:
+    res = runner.invoke(app, ["train-patch", "--set", item, "--run-dir", str(tmp_path / "run"), "--device", "cpu"])
+    line = assert_one_line_error(res, 2, f"unknown key '{section}'", "valid keys:")
+    listed = line.split("valid keys:")[1]
+    assert all(k in listed for k in valid), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_learner_is_a_config_error(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["train-patch", "--learner", "alexnet9000", "--run-dir", str(tmp_path), "--device", "cpu"])
+    assert_one_line_error(res, 2, "unknown learner", "shufflenet_v2_x1_0")
 
 
 def test_missing_weights_is_a_clear_error(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["segment", str(SAMPLES), "--out", str(tmp_path), "--weights", str(tmp_path / "nope")])
-    assert res.exit_code == 2
-    assert "not found" in plain(res.output) and "Traceback" not in plain(res.output)
+    res = predict(str(SAMPLE_A), "--out", str(tmp_path / "o"), "--weights", str(tmp_path / "nope"))
+    assert_one_line_error(res, 2, "not found", "--weights")
 
 
 def test_no_inputs_found(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    res = runner.invoke(app, ["segment", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "no image files" in plain(res.output)
+    res = predict(str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(res, 2, "no image files")
 
 
-def test_unknown_config_and_learner(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["train-seg", "--config", "nope", "--run-dir", str(tmp_path)])
-    assert res.exit_code == 2 and "config nope not found" in plain(res.output)
-    res = runner.invoke(app, ["train-patch", "--learner", "alexnet9000", "--run-dir", str(tmp_path)])
-    assert res.exit_code == 2 and "unknown learner" in plain(res.output)
+# --------------------------------------------------------------------------- predict
 
 
-@pytest.mark.slow
-def test_predict_shipped_sample(tmp_path: Path) -> None:
-    assert ENSEMBLE.exists(), "shipped FLANNEL ensemble is missing from weights/ensemble"
-    res = runner.invoke(app, ["predict", str(SAMPLES), "--out", str(tmp_path), "--k", "8"])
+def test_predict_writes_a_row_json_and_overlay_per_image(predicted: tuple[Path, Result]) -> None:
+    out, res = predicted
     assert res.exit_code == 0, res.output
-    lines = (tmp_path / "predictions.csv").read_text().strip().splitlines()
-    assert lines[0] == "file,label,p_normal,p_bacteria,p_virus,p_covid" and len(lines) == 3
-    for line in lines[1:]:
-        cells = line.split(",")
-        probs = np.array(cells[2:], float)
-        assert abs(probs.sum() - 1) < 1e-4 and cells[1] in ("normal", "bacteria", "virus", "covid")
-    import json
+    table = rows(out / "predictions.csv")
+    assert sorted(Path(r["file"]).name for r in table) == sorted(p.name for p in SAMPLES.glob("*.jpg"))
+    for r in table:
+        assert r["status"] == "ok" and r["error"] == "" and r["k"] == "8" and r["seed"] == "0"
+        probs = np.array([float(r[f"p_{c}"]) for c in CLASSES])
+        assert abs(probs.sum() - 1) < 1e-4 and (probs >= 0).all()
+        assert r["label"] == CLASSES[int(probs.argmax())] and float(r["confidence"]) == pytest.approx(probs.max(), abs=1e-4)
+        assert 0.05 < float(r["lung_fraction"]) < 0.8
+        j = json.loads((out / "json" / f"{r['name']}.json").read_text())
+        assert j["status"] == "ok" and j["k"] == 8 and j["label"] == r["label"]
+        assert set(j["learners"]) == {"mnasnet0_5", "mobilenet_v3_small", "shufflenet_v2_x1_0"}
+        assert len(j["crop_centres_1024"]) == 8
+        assert j["probabilities"][r["label"]] == pytest.approx(float(r["confidence"]), abs=1e-4)
+        img = cv2.imread(str(Path(r["file"])), cv2.IMREAD_GRAYSCALE)
+        ov = cv2.imread(str(out / "overlays" / f"{r['name']}.png"))
+        assert ov is not None and ov.shape[:2] == img.shape[:2]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and "predictions.csv" in manifest["files"]
+    assert "2/2 predicted" in plain(res.stdout)
 
-    j = json.loads((tmp_path / "json" / "kcx-IM-0117-0001.json").read_text())
-    assert j["k"] == 8 and len(j["learners"]) >= 2
-    assert (tmp_path / "overlays" / "kcx-IM-0117-0001.png").exists()
+
+def test_bad_files_get_error_rows_and_the_rest_is_predicted(tmp_path: Path) -> None:
+    if not (ENSEMBLE / "config.json").is_file():
+        pytest.skip(f"shipped classifier {ENSEMBLE} absent")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(SAMPLE_A, folder / "good.jpg")
+    data = SAMPLE_B.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "x.png").write_text("this is not an image\n")
+    out = tmp_path / "out"
+    res = predict(str(folder), "--out", str(out))
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    by_name = {Path(r["file"]).name: r for r in rows(out / "predictions.csv")}
+    assert set(by_name) == {"good.jpg", "truncated.jpg", "x.png"}
+    assert by_name["good.jpg"]["status"] == "ok" and by_name["good.jpg"]["label"] in CLASSES
+    for bad in ("truncated.jpg", "x.png"):
+        assert by_name[bad]["status"] == "error" and by_name[bad]["error"], by_name[bad]
+        assert by_name[bad]["label"] == "" and by_name[bad]["p_normal"] == ""
+        assert bad in plain(res.stderr)
+    assert (out / "json" / "good.json").is_file() and (out / "overlays" / "good.png").is_file()
+    assert not (out / "json" / "x.json").exists() and not (out / "overlays" / "truncated.png").exists()
+    assert "1/3 predicted" in plain(res.stdout)
+
+
+def test_second_run_into_the_same_out_needs_overwrite(predicted: tuple[Path, Result]) -> None:
+    out, first = predicted
+    assert first.exit_code == 0, first.output
+    before = {r["name"]: r for r in rows(out / "predictions.csv")}
+    res = predict(str(SAMPLES), "--out", str(out))
+    assert_one_line_error(res, 2, "--overwrite", str(out))
+    assert {r["name"]: r for r in rows(out / "predictions.csv")} == before  # untouched
+
+    # --overwrite: the earlier run's files go (no stale JSON of an image not in this run), the new ones are written;
+    # an image's result does not depend on the other images of the run.
+    res = predict(str(SAMPLE_A), "--out", str(out), "--overwrite")
+    assert res.exit_code == 0, res.output
+    after = rows(out / "predictions.csv")
+    assert [r["name"] for r in after] == [SAMPLE_A.stem]
+    assert after[0] == before[SAMPLE_A.stem]
+    assert not (out / "json" / f"{SAMPLE_B.stem}.json").exists()
+    assert not (out / "overlays" / f"{SAMPLE_B.stem}.png").exists()
+    assert sorted(p.name for p in (out / "json").iterdir()) == [f"{SAMPLE_A.stem}.json"]
+
+
+# --------------------------------------------------------------------------- segment
+
+
+def test_segment_writes_masks_overlays_and_quality_lines(tmp_path: Path) -> None:
+    out = tmp_path / "seg"
+    res = runner.invoke(app, ["segment", str(SAMPLE_A), str(SAMPLE_B), "--out", str(out), "--weights", SEG,
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    table = rows(out / "masks.csv")
+    assert [r["name"] for r in table] == [SAMPLE_A.stem, SAMPLE_B.stem]
+    for r, sample in zip(table, (SAMPLE_A, SAMPLE_B)):
+        assert r["status"] == "ok" and r["convention"] == "scr"
+        img = cv2.imread(str(sample), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(out / "masks" / f"{sample.stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == img.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert (int(r["width"]), int(r["height"])) == (img.shape[1], img.shape[0])
+        frac = float((mask > 0).mean())
+        assert 0.1 < frac < 0.6, f"lung fraction {frac:.2f} is implausible"
+        assert float(r["lung_fraction"]) == pytest.approx(frac, abs=0.03)
+        ov = cv2.imread(str(out / "overlays" / f"{sample.stem}.png"))
+        assert ov.shape[:2] == img.shape
+    assert "2/2 segmented" in plain(res.stdout)

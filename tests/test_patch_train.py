@@ -1,115 +1,278 @@
+"""Patch-learner training: config validation, real records and grouped splits, the cache's data fingerprint,
+and one small real end-to-end `train_patch_run` on a tiny cache of real radiographs."""
+
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+from collections import Counter
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-import torch
+import yaml
 
-from patchflannel.cxr import CLASSES, check_grouped, load_records, make_splits
-from patchflannel.patch_train import train_patch_run
-from patchflannel.store import StoreWriter
+from patchflannel.config import load_config, validate_config
+from patchflannel.data import (
+    CLASSES,
+    Record,
+    build_cache,
+    check_grouped,
+    find_duplicates,
+    load_cache,
+    load_records,
+    make_splits,
+    merge_groups,
+)
+from patchflannel.errors import ConfigError, DataError, ResumeError
+from patchflannel.patch_train import PatchTrainConfig
+
+SEG = "lung_unet_jsrt"  # the shipped legacy U-Net (weights/lung_unet may not exist yet)
+LEARNER = "mobilenet_v3_small"
 
 
-def fake_store(path: Path, n: int = 48, size: int = 256) -> None:
-    """Images whose class is drawn as a texture inside two lung ellipses; 2 images per patient."""
-    rng = np.random.default_rng(0)
-    with StoreWriter(path, size=size) as w:
-        for i in range(n):
-            label = CLASSES[i % 4]
-            mask = np.zeros((size, size), np.uint8)
-            cv2.ellipse(mask, (size * 3 // 10, size // 2), (size // 8, size // 4), 0, 0, 360, 1, -1)
-            cv2.ellipse(mask, (size * 7 // 10, size // 2), (size // 8, size // 4), 0, 0, 360, 1, -1)
-            img = rng.integers(60, 90, (size, size)).astype(np.uint8)
-            img[mask > 0] = 20 + 40 * (i % 4)
-            w.add(f"img{i:02d}", img, mask > 0, {"label": label, "patient_id": f"p{i // 8}-{i % 4}", "source": "fake"})
+# --------------------------------------------------------------------------- config
 
 
-def test_splits_grouped_and_stratified() -> None:
-    labels = np.repeat(np.arange(4), 30)
-    groups = [f"p{i // 2}" for i in range(len(labels))]
-    s = make_splits(labels, groups, seed=0, test_frac=0.2, n_folds=3)
-    check_grouped(s, groups)
-    assert 0.15 < len(s["test"]) / len(labels) < 0.25
-    assert sorted(s["test"] + [i for f in s["folds"] for i in f]) == list(range(len(labels)))
-    for part in [s["test"], *s["folds"]]:
+@pytest.mark.parametrize("raw,key,valid", [
+    ({"train": {"epochz": 3}}, "train.epochz", ["epochs", "patience", "batch_size", "refit"]),
+    ({"trian": {"epochs": 3}}, "trian", ["seed", "data", "split", "input", "learners", "k", "train"]),
+    ({"input": {"patch_sise": 64}}, "input.patch_sise", ["patch_size", "learner_input", "mask_outside"]),
+])
+def test_config_typo_names_the_valid_keys(raw: dict, key: str, valid: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(PatchTrainConfig, raw, "test.yaml")
+    msg = str(info.value)
+    assert msg.startswith("test.yaml: ") and f"unknown key '{key}'" in msg
+    listed = msg.split("valid keys:")[1]
+    assert all(v in listed for v in valid), msg
+
+
+def test_config_values_are_checked() -> None:
+    with pytest.raises(ConfigError, match="multiple of learner_input"):
+        validate_config(PatchTrainConfig, {"input": {"patch_size": 224, "learner_input": 100}}, "x")
+    with pytest.raises(ConfigError, match="unknown learner"):
+        validate_config(PatchTrainConfig, {"learners": ["alexnet9000"]}, "x")
+    with pytest.raises(ConfigError, match="split.folds"):
+        validate_config(PatchTrainConfig, {"split": {"folds": 1}}, "x")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(PatchTrainConfig, "patch_cpu", sets=["train.epochs=0"])
+
+
+@pytest.mark.parametrize("name", ["patch_cpu", "patch_paper"])
+def test_shipped_configs_validate_and_take_overrides(name: str) -> None:
+    cfg = load_config(PatchTrainConfig, name, sets=["train.epochs=2", f"learners=[{LEARNER}]"])
+    assert cfg.train.epochs == 2 and cfg.learners == [LEARNER]
+    assert cfg.input.patch_size % cfg.input.learner_input == 0
+
+
+# --------------------------------------------------------------------------- real records and splits
+
+
+@pytest.fixture(scope="module")
+def records(cxr_dir: Path) -> list[Record]:
+    return load_records([cxr_dir])
+
+
+@pytest.mark.data
+def test_real_records(records: list[Record]) -> None:
+    assert len(records) == 965
+    assert len({r.patient_id for r in records}) == 776
+    assert {r.label for r in records} == set(CLASSES)
+    assert min(Counter(r.label for r in records).values()) > 100
+    assert len({r.image_id for r in records}) == len(records)
+    assert all(r.file.is_file() for r in records)
+    assert {r.age_group for r in records} <= {"adult", "pediatric", ""}
+
+
+@pytest.mark.data
+def test_real_split_is_grouped_stratified_and_complete(records: list[Record]) -> None:
+    labels = np.array([CLASSES.index(r.label) for r in records])
+    groups = [r.patient_id for r in records]
+    split = make_splits(labels, groups, seed=0, test_frac=0.2, n_folds=3)
+    parts = [split["test"], *split["folds"]]
+    assert sorted(i for p in parts for i in p) == list(range(len(records)))  # every image exactly once
+    owner: dict[str, int] = {}
+    for k, part in enumerate(parts):
+        for i in part:
+            assert owner.setdefault(groups[i], k) == k, f"patient {groups[i]} in parts {owner[groups[i]]} and {k}"
+    assert 0.15 < len(split["test"]) / len(records) < 0.25
+    for part in parts:
         assert set(labels[part]) == {0, 1, 2, 3}
-    bad = {"test": [0], "folds": [[1]]}
-    with pytest.raises(AssertionError, match="patient"):
-        check_grouped(bad, ["a", "a"])
+    assert make_splits(labels, groups, seed=0, test_frac=0.2, n_folds=3) == split  # seeded
 
 
-def test_records_from_kaggle_and_ieee_layouts(tmp_path: Path) -> None:
-    k = tmp_path / "chest_xray" / "train"
-    (k / "NORMAL").mkdir(parents=True)
-    (k / "PNEUMONIA").mkdir()
-    for f in ("NORMAL/IM-0117-0001.jpeg", "NORMAL/NORMAL2-IM-1427-0001.jpeg", "PNEUMONIA/person1008_bacteria_2939.jpeg",
-              "PNEUMONIA/person1008_virus_2940.jpeg"):
-        (k / f).write_bytes(b"x")
-    recs = load_records([tmp_path / "chest_xray"])
-    assert {(r.label, r.patient_id) for r in recs} == {("normal", "kcx-IM-0117"), ("normal", "kcx-NORMAL2-IM-1427"),
-                                                       ("bacteria", "kcx-person1008"), ("virus", "kcx-person1008")}
-    ieee = tmp_path / "covid-chestxray-dataset"
-    ieee.mkdir()
-    (ieee / "metadata.csv").write_text(
-        "patientid,finding,view,folder,filename\n"
-        "1,COVID-19,PA,images,a.jpg\n2,Pneumonia/Bacterial/Streptococcus,AP,images,b.jpg\n"
-        "3,SARS,PA,images,c.jpg\n4,No Finding,PA,images,d.jpg\n5,COVID-19,L,images,e.jpg\n6,Unknown,PA,images,f.jpg\n")
-    recs = load_records([ieee])
-    assert [(r.image_id, r.label) for r in recs] == [("ccx-a", "covid"), ("ccx-b", "bacteria"), ("ccx-c", "virus"),
-                                                     ("ccx-d", "normal")]
+def test_check_grouped_refuses_a_patient_in_two_parts() -> None:
+    check_grouped({"test": [0], "folds": [[1], [2]]}, ["a", "b", "c"])
+    with pytest.raises(DataError, match="patient a"):
+        check_grouped({"test": [0], "folds": [[1], [2]]}, ["a", "a", "c"])
 
 
+def test_near_duplicates_of_different_patients_are_split_together() -> None:
+    rng = np.random.default_rng(0)
+    n = 48
+    thumbs = rng.standard_normal((n, 64 * 64)).astype(np.float32)
+    thumbs = (thumbs - thumbs.mean(1, keepdims=True)) / thumbs.std(1, keepdims=True)
+    groups = [f"p{i}" for i in range(n)]
+    # image 5 re-uploaded as image 30 under another patient id (slightly recompressed)
+    thumbs[30] = thumbs[5] + 0.01 * rng.standard_normal(64 * 64).astype(np.float32)
+    thumbs[30] = (thumbs[30] - thumbs[30].mean()) / thumbs[30].std()
+    pairs = find_duplicates(thumbs, groups)
+    assert [(i, j) for i, j, _ in pairs] == [(5, 30)] and pairs[0][2] > 0.99
+    merged = merge_groups(groups, pairs)
+    assert merged[5] == merged[30] == "p30" and len(set(merged)) == n - 1
+    labels = np.arange(n) % 4
+    labels[30] = labels[5]
+    for seed in range(5):
+        split = make_splits(labels, merged, seed=seed, test_frac=0.25, n_folds=2)
+        part = {i: k for k, p in enumerate([split["test"], *split["folds"]]) for i in p}
+        assert part[5] == part[30]
+    # a pair within one patient is no cross-patient duplicate
+    assert find_duplicates(thumbs, ["p5" if i == 30 else g for i, g in enumerate(groups)]) == []
+
+
+# --------------------------------------------------------------------------- tiny real cache
+
+
+@pytest.fixture(scope="module")
+def tiny(records: list[Record], tmp_path_factory: pytest.TempPathFactory, single_thread: None) -> dict:
+    """A cache of 40 real radiographs (10 per class, distinct patients, smallest files first) plus one exact
+    copy of an image under a new id and patient (a cross-patient duplicate), masks by the shipped U-Net."""
+    from patchflannel._files import file_sha256
+    from patchflannel.hub import resolve_weights
+    from patchflannel.segment import LungSegmenter
+
+    chosen: list[Record] = []
+    seen: set[str] = set()
+    for label in CLASSES:
+        cands = sorted((r for r in records if r.label == label), key=lambda r: (r.file.stat().st_size, r.image_id))
+        picked = []
+        for r in cands:
+            if r.patient_id not in seen:
+                picked.append(r)
+                seen.add(r.patient_id)
+            if len(picked) == 10:
+                break
+        chosen += picked
+    dup = dataclasses.replace(chosen[3], image_id="dup-" + chosen[3].image_id, patient_id="dup-patient")
+    recs = chosen + [dup]
+    seg_path = resolve_weights(SEG)
+    sha = file_sha256(seg_path.with_suffix(".safetensors"))
+    seg = LungSegmenter.from_pretrained(SEG)
+    cache = tmp_path_factory.mktemp("cache") / "tiny.h5"
+    path, errors = build_cache(recs, seg, cache, SEG, sha)
+    return {"records": recs, "dup": (chosen[3].image_id, dup.image_id), "cache": path, "errors": errors, "sha": sha}
+
+
+@pytest.mark.data
+def test_cache_holds_every_image_with_lungs_and_finds_the_duplicate(tiny: dict) -> None:
+    assert tiny["errors"] == []
+    data = load_cache(tiny["cache"], tiny["records"], tiny["sha"])
+    assert data.ids == [r.image_id for r in tiny["records"]]
+    assert tuple(data.images.shape) == (41, 1, 1024, 1024) and str(data.images.dtype) == "torch.uint8"
+    fractions = data.masks.float().mean(dim=(1, 2, 3))
+    assert bool((fractions > 0.05).all()) and bool((fractions < 0.7).all())
+    a, b = tiny["dup"]
+    assert [(d["a"], d["b"]) for d in data.duplicates] == [(a, b)]
+    ia, ib = data.ids.index(a), data.ids.index(b)
+    assert data.patients[ia] != data.patients[ib] and data.groups[ia] == data.groups[ib]
+    assert len(set(data.groups)) == 40
+    undeduped = load_cache(tiny["cache"], tiny["records"], tiny["sha"], dedup=False)
+    assert undeduped.groups[ia] != undeduped.groups[ib]
+
+
+@pytest.mark.data
+def test_cache_of_other_data_or_segmenter_is_refused(tiny: dict, records: list[Record]) -> None:
+    recs = tiny["records"]
+    relabelled = [dataclasses.replace(r, label="virus") if i == 0 else r for i, r in enumerate(recs)]
+    assert relabelled[0].label != recs[0].label
+    with pytest.raises(DataError, match="changed label") as info:
+        load_cache(tiny["cache"], relabelled, tiny["sha"])
+    assert "--rebuild" in str(info.value)
+    extra = next(r for r in records if r.image_id not in {x.image_id for x in recs})
+    with pytest.raises(DataError, match=r"1 images added.*--rebuild"):
+        load_cache(tiny["cache"], recs + [extra], tiny["sha"])
+    moved = [dataclasses.replace(r, patient_id="someone-else") if i == 1 else r for i, r in enumerate(recs)]
+    with pytest.raises(DataError, match="changed patient id"):
+        load_cache(tiny["cache"], moved, tiny["sha"])
+    with pytest.raises(DataError, match="another lung segmenter.*--rebuild"):
+        load_cache(tiny["cache"], recs, "0" * 64)
+    # a subset of the cached images is fine: only those are loaded
+    assert load_cache(tiny["cache"], recs[:5], tiny["sha"]).ids == [r.image_id for r in recs[:5]]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.data
 @pytest.mark.slow
-def test_train_patch_run_writes_oof_votes_and_resumes(tmp_path: Path) -> None:
-    store = tmp_path / "cache.h5"
-    fake_store(store)
-    cfg = {"cache": str(store), "seed": 0, "test_frac": 0.25, "folds": 2, "val_frac": 0.34,
-           "learners": ["mobilenet_v3_small"], "global_learners": ["mobilenet_v3_small"], "pretrained": None,
-           "patch_size": 64, "global_size": 64, "mask_outside": True, "k": 6, "k_val": 2, "patches_per_image": 2,
-           "batch_size": 16, "epochs": 1, "patience": 2, "lr": 1e-3, "lr_patience": 1, "weight_decay": 0.0,
-           "balanced_sampling": True, "class_weighted_loss": False}
+def test_train_patch_run_end_to_end_and_rerun_reuses_folds(tiny: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from patchflannel import patch_train
+    from patchflannel.patch_train import train_patch_run
+
+    k = 4
+    cfg = validate_config(PatchTrainConfig, {
+        "seed": 0,
+        "data": {"cache": str(tiny["cache"]), "segmenter": SEG},
+        "split": {"test_frac": 0.25, "folds": 2, "val_frac": 0.34},
+        "input": {"patch_size": 64, "learner_input": 32},
+        "learners": [LEARNER], "k": k, "k_val": 2,
+        "train": {"epochs": 1, "batch_size": 16, "patches_per_image": 4, "refit": True},
+    }, "test")
+    data = load_cache(tiny["cache"], tiny["records"], tiny["sha"])
     run = tmp_path / "run"
-    res = train_patch_run(cfg, run, torch.device("cpu"))
-    assert set(res) == {"mobilenet_v3_small", "global-mobilenet_v3_small"}
-    oof = np.load(run / "mobilenet_v3_small" / "oof.npz")
-    test = np.load(run / "mobilenet_v3_small" / "test.npz")
-    assert oof["soft"].shape[1] == 4 and test["soft"].shape[1:] == (2, 4)
+    res = train_patch_run(cfg, data, run)
+    ldir = run / LEARNER
+    for f in ("oof.npz", "test.npz", "metrics.json", "fold0/best/config.json", "fold1/best/model.safetensors",
+              "refit/best/config.json", "confusion_test.png"):
+        assert (ldir / f).is_file(), f
+
+    split = json.loads((run / "split.json").read_text())
+    oof, test = np.load(ldir / "oof.npz"), np.load(ldir / "test.npz")
+    assert set(oof["ids"]).isdisjoint(test["ids"]) and len(oof["ids"]) + len(test["ids"]) == 41
+    assert sorted(test["ids"]) == sorted(split["test"])
+    assert oof["soft"].shape == (len(oof["ids"]), 4) and test["soft"].shape == (len(test["ids"]), 2, 4)
+    assert test["soft_refit"].shape == (len(test["ids"]), 4)
     np.testing.assert_allclose(oof["soft"].sum(1), 1, atol=1e-5)
-    np.testing.assert_allclose(oof["hard"].sum(1), 1, atol=1e-5)
-    # hard votes are fractions of K=6 patches
-    np.testing.assert_allclose(oof["hard"] * 6, np.round(oof["hard"] * 6), atol=1e-4)
-    assert set(oof["ids"]).isdisjoint(test["ids"]) and len(oof["ids"]) + len(test["ids"]) == 48
-    # out-of-fold: each image's fold model never trained on it
+    np.testing.assert_allclose(test["soft"].sum(2), 1, atol=1e-5)
+    np.testing.assert_allclose(oof["hard"] * k, np.round(oof["hard"] * k), atol=1e-4)  # fractions of K patches
+    assert [str(c) for c in oof["classes"]] == list(CLASSES) and int(oof["k"]) == k
+    np.testing.assert_array_equal(oof["y"], [CLASSES.index(r.label) for r in (
+        next(x for x in tiny["records"] if x.image_id == i) for i in oof["ids"])])
+
+    # out of fold: each image's fold model neither trained nor early-stopped on it, nor on a test image
     for f in (0, 1):
-        done = np.load(run / "mobilenet_v3_small" / f"fold{f}" / "done.npz")
-        fold_ids = set(oof["ids"][oof["fold"] == f])
-        trained = {f"img{i:02d}" for i in np.concatenate([done["train_idx"], done["val_idx"]])}
-        assert fold_ids.isdisjoint(trained)
-    before = (run / "mobilenet_v3_small" / "oof.npz").read_bytes()
-    train_patch_run(cfg, run, torch.device("cpu"))  # resumes: every fold is done, votes reused
-    np.testing.assert_array_equal(np.load(run / "mobilenet_v3_small" / "oof.npz")["soft"], oof["soft"])
-    assert (run / "mobilenet_v3_small" / "confusion_test.png").stat().st_size > 0 and before
+        fold_cfg = yaml.safe_load((ldir / f"fold{f}" / "config.yaml").read_text())
+        seen = set(fold_cfg["train_ids"]) | set(fold_cfg["val_ids"])
+        assert set(oof["ids"][oof["fold"] == f]) == set(split["folds"][f])
+        assert seen.isdisjoint(split["folds"][f]) and seen.isdisjoint(split["test"])
+    # the duplicate pair sits in one part of the split
+    a, b = tiny["dup"]
+    parts = [split["test"], *split["folds"]]
+    assert [a in p for p in parts] == [b in p for p in parts]
 
+    metrics = json.loads((ldir / "metrics.json").read_text())
+    assert len(metrics["test_per_fold_model"]) == 2 and metrics["refit_epochs"] == 1
+    assert 0 <= metrics["test_refit"]["macro_f1"] <= 1 and 0 <= metrics["oof"]["macro_f1"] <= 1
+    assert res[LEARNER]["oof"]["macro_f1"] == metrics["oof"]["macro_f1"]
 
-def test_downscaled_crop_equals_shrunk_full_crop() -> None:
-    """A learner_input crop from the shrunk image = the patch_size crop at 1024² shrunk (same field of view)."""
-    import torch.nn.functional as F
+    # rerun: every fold and the refit are finished, so nothing trains and nothing votes again
+    stamps = {p: p.stat().st_mtime_ns for p in ldir.rglob("*") if p.name in ("checkpoint.pt", "votes.npz", "history.csv")}
+    assert len(stamps) == 9
 
-    from patchflannel.patch_train import downscale, patch_scale
-    from patchflannel.sampler import extract_patches
+    def no_votes(*args: object, **kwargs: object) -> None:
+        raise AssertionError("votes were recomputed on a rerun")
 
-    g = torch.Generator().manual_seed(0)
-    img = torch.randint(0, 256, (1, 1, 64, 64), generator=g, dtype=torch.uint8)
-    mask = torch.ones(1, 1, 64, 64, dtype=torch.bool)
-    f = patch_scale(16, 8)
-    small, small_mask = downscale(img, mask, f)
-    assert small.shape == (1, 1, 32, 32) and small_mask.all()
-    centres = torch.tensor([[[10, 12], [4, 4], [20, 7]]])
-    got = extract_patches(small, centres, size=8)
-    full = extract_patches(img, centres * f, size=16)
-    want = F.avg_pool2d(full.flatten(0, 1).float(), f).round().to(torch.uint8).view_as(got)
-    torch.testing.assert_close(got, want)
-    with pytest.raises(ValueError, match="multiple"):
-        patch_scale(224, 100)
+    monkeypatch.setattr(patch_train, "votes", no_votes)
+    again = train_patch_run(cfg, data, run)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    np.testing.assert_array_equal(np.load(ldir / "oof.npz")["soft"], oof["soft"])
+    assert again[LEARNER]["test_refit"] == metrics["test_refit"]
+
+    # a run folder of another config is refused
+    other = cfg.model_copy(update={"k": k + 1})
+    with pytest.raises(ResumeError, match="another config"):
+        train_patch_run(other, data, run)
+    assert os.path.getsize(ldir / "oof.npz") > 0
