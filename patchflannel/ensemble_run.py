@@ -1081,7 +1081,7 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
     ``members="refit"``: the one model refit on every non-test image (``RUN/<learner>/refit/best``).
     The destination is replaced whole (no file of an earlier export remains).
     """
-    from ._files import file_sha256
+    from ._files import check_name, file_sha256
     from .calibrate import Calibrator
     from .hub import WEIGHTS_NAME, resolve_weights
     from .learners import Learner
@@ -1097,6 +1097,13 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
         raise DataError(f"{src}: not an ensemble output folder (config.yaml: {exc})") from None
     combiner, ccfg = load_combiner(src / "flannel")
     names = [str(n) for n in ccfg["learners"]]
+    for name in names:
+        # Learner names become folder names of the Classifier: refuse '../x', 'run/x' before loading anything.
+        try:
+            check_name(name, "learner name")
+        except ValueError as exc:
+            raise DataError(f"{src / 'flannel'}: {exc}; a learner found in several runs is named '<run>/<learner>' "
+                            "and cannot be exported: give the learner folders distinct names") from None
     available = find_learners(cfg["runs"])
     learners: dict[str, list[Learner]] = {}
     run_cfg: dict[str, Any] = {}

@@ -1,8 +1,11 @@
-"""Tests for patchflannel.ensemble: losses, FLANNEL module, baselines, training."""
+"""Tests for patchflannel.ensemble (losses, FLANNEL module, baselines, the combiner registry and its
+files) and for fitting a combiner (patchflannel.ensemble_run.fit_combiner)."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,20 +13,26 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from patchflannel.ensemble import (
-    FitResult,
+    COMBINERS,
     FlannelWeights,
+    HardVoting,
+    SoftVoting,
     StackingMLP,
+    build_combiner,
     class_balanced_alpha,
     combiner_logits,
-    fit_combiner,
     focal_loss,
     hard_vote,
+    load_combiner,
     macro_f1,
     minority_class_weights,
+    save_combiner,
     soft_vote,
 )
+from patchflannel.ensemble_run import FitResult, fit_combiner
+from patchflannel.errors import WeightsError, WeightsNotFoundError
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -176,6 +185,75 @@ def test_stacking_mlp_and_combiner_logits(layers: int) -> None:
     assert sum(isinstance(x, torch.nn.Linear) for x in mlp.modules()) == layers + 1
     flannel = FlannelWeights(4, 3)
     torch.testing.assert_close(combiner_logits(flannel, P), flannel(P)[0])
+
+
+def test_voting_combiners_score_log_of_their_vote() -> None:
+    P = random_P(20, 3, 4, seed=5)
+    soft, hard = SoftVoting(3, 4), HardVoting(3, 4)
+    assert not list(soft.parameters()) and not list(hard.parameters())
+    torch.testing.assert_close(torch.softmax(soft(P), 1), soft_vote(P))
+    torch.testing.assert_close(torch.softmax(hard(P), 1), hard_vote(P))
+    torch.testing.assert_close(combiner_logits(soft, P), soft_vote(P).log())
+    # by hand: the majority class wins hard voting, the larger mean wins soft voting
+    majority = torch.tensor([[[0.34, 0.33, 0.33], [0.34, 0.33, 0.33], [0.0, 1.0, 0.0]]])
+    assert HardVoting(3, 3)(majority).argmax(1).item() == 0 and SoftVoting(3, 3)(majority).argmax(1).item() == 1
+    # a zero probability gives a finite score
+    assert torch.isfinite(SoftVoting(1, 2)(torch.tensor([[[1.0, 0.0]]]))).all()
+    with pytest.raises(ValueError, match="classes"):
+        soft(random_P(2, 3, 5))
+
+
+def test_build_combiner_registry() -> None:
+    assert set(COMBINERS) == {"flannel", "stacking", "soft_voting", "hard_voting"}
+    P = random_P(6, 3, 4)
+    for name, cls in COMBINERS.items():
+        model = build_combiner(name, 3, 4)
+        assert type(model) is cls and model.n_learners == 3 and model.n_classes == 4
+        assert combiner_logits(model, P).shape == (6, 4)
+    # options reach the class; options left at None are dropped (the class default applies)
+    assert build_combiner("flannel", 3, 4, hidden=8).dense[0].out_features == 8
+    assert len(build_combiner("flannel", 3, 4, hidden=None).dense) == 1
+    mlp = build_combiner("stacking", 3, 4, hidden_layers=2, width=5)
+    assert [m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)] == [5, 5, 4]
+    with pytest.raises(ValueError, match="unknown combiner 'mlp'.*flannel"):
+        build_combiner("mlp", 3, 4)
+
+
+@pytest.mark.parametrize(("name", "options"), [("flannel", {"hidden": 6}), ("stacking", {"width": 8}),
+                                               ("hard_voting", {})])
+def test_save_load_combiner_round_trip(tmp_path: Path, name: str, options: dict) -> None:
+    torch.manual_seed(0)
+    model = build_combiner(name, 3, 4, **options)
+    save_combiner(model, tmp_path / "c", name, options, {"learners": ["a", "b", "c"]})
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["task"] == "combiner" and cfg["combiner"] == name and cfg["options"] == options
+    assert (tmp_path / "c" / "model.safetensors").is_file()
+    torch.manual_seed(1)  # a different init: the loaded tensors must come from the file
+    loaded, loaded_cfg = load_combiner(tmp_path / "c")
+    assert type(loaded) is type(model) and not loaded.training
+    assert loaded_cfg["learners"] == ["a", "b", "c"] and loaded_cfg["n_learners"] == 3
+    P = random_P(7, 3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(combiner_logits(loaded, P), combiner_logits(model.eval(), P))
+
+
+def test_load_combiner_errors(tmp_path: Path) -> None:
+    with pytest.raises(WeightsNotFoundError):
+        load_combiner(tmp_path / "missing")
+    save_combiner(FlannelWeights(3, 4), tmp_path / "c", "flannel", {})
+    cfg_path = tmp_path / "c" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # another task's weights are refused
+    cfg_path.write_text(json.dumps({**cfg, "task": "cxr_learner"}))
+    with pytest.raises(WeightsError, match="not 'combiner'"):
+        load_combiner(tmp_path / "c")
+    # a config that does not fit the tensors is a one-line WeightsError
+    cfg_path.write_text(json.dumps({**cfg, "n_learners": 2}))
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_combiner(tmp_path / "c")
+    cfg_path.write_text(json.dumps({**cfg, "combiner": "nope"}))
+    with pytest.raises(WeightsError, match="not a usable combiner config"):
+        load_combiner(tmp_path / "c")
 
 
 def test_macro_f1_matches_sklearn() -> None:

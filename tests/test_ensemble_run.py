@@ -1,33 +1,56 @@
 """Tests for patchflannel.ensemble_run: loading and aligning votes, the comparison rows,
-outputs, the saved FLANNEL model, and that the test votes never influence training."""
+outputs, the saved FLANNEL model, calibration, the exported Classifier, and that the
+test votes never influence training."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from patchflannel.ensemble_run import load_flannel, load_votes, run_ensemble, source_confound
+from patchflannel.calibrate import Calibrator
+from patchflannel.ensemble import FlannelWeights, combiner_logits
+from patchflannel.ensemble_run import (
+    EnsembleConfig,
+    export_classifier,
+    load_flannel,
+    load_votes,
+    resolve_config,
+    run_ensemble,
+    source_confound,
+)
+from patchflannel.errors import ConfigError, DataError, WeightsError
+from patchflannel.learners import InputSpec, Learner, create_learner, make_inputs
+from patchflannel.pipeline import Classifier, Prepared, image_seed
+from patchflannel.segment import LungSegmenter, MaskQuality, Preprocess, build_unet
+from patchflannel.vote import predict_distribution, vote
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CLASSES = ["normal", "bacteria", "virus", "covid"]
 PEDIATRIC = "kaggle-chest-xray-pneumonia (pediatric, Guangzhou)"
 ADULT_COVID = "ieee8023/covid-chestxray-dataset (adult)"
 ADULT_OTHER = "Actualmed-COVID-chestxray-dataset (adult)"
 N_OOF, N_TEST, F, K = 120, 40, 2, 20
-# Small but real training: every row trains 2 seeds; the whole module runs in a few seconds.
-CFG = {"seeds": 2, "epochs": 40, "patience": 10, "lr": 0.01, "batch_size": 32, "gamma": 3.0}
+# Small but real training: every row trains 2 seeds; the whole run takes a few seconds.
+CFG = {"seeds": 2, "epochs": 20, "patience": 6, "lr": 0.01, "batch_size": 32, "gamma": 3.0}
 PATCH_ROWS = ["good", "noisy", "anti", "soft voting", "hard voting", "stacking MLP (1 layer)",
               "stacking MLP (2 layers)", "FLANNEL (focal γ=3)", "FLANNEL (CE)", "FLANNEL (CE + resampling)",
               "FLANNEL (weighted CE β=2)"]
 ALL_ROWS = PATCH_ROWS + ["global-good", "FLANNEL over global learners (focal)"]
+PATCH_LEARNERS = ["good", "noisy", "anti"]
+# A tiny patch view so the exported learners run in milliseconds: 64 px field of view seen at 32 px.
+SPEC = InputSpec(mode="patch", patch_size=64, learner_input=32)
 
 
 # --------------------------------------------------------------------------- synthetic runs
@@ -39,7 +62,10 @@ def _images(rng: np.random.Generator, n: int, prefix: str) -> dict[str, np.ndarr
     adult_other = rng.random(n) < 0.3
     sources = np.where(y == 3, ADULT_COVID, np.where(adult_other, ADULT_OTHER, PEDIATRIC))
     return {"ids": np.array([f"{prefix}{i:03d}" for i in range(n)]), "y": y.astype(np.int64),
-            "patients": np.array([f"{prefix}p{i // 2}" for i in range(n)]), "sources": sources}
+            "patients": np.array([f"{prefix}p{i // 2}" for i in range(n)]), "sources": sources,
+            "groups": np.array([f"{prefix}p{i // 2}" for i in range(n)]),
+            "age_groups": np.where(sources == PEDIATRIC, "child", "adult"),
+            "views": np.array(["PA"] * n), "findings": np.array([CLASSES[c] for c in y])}
 
 
 def _decide(rng: np.random.Generator, y: np.ndarray, kind: str) -> np.ndarray:
@@ -69,6 +95,7 @@ def _dist(rng: np.random.Generator, label: np.ndarray, kind: str) -> tuple[np.nd
 
 def write_learner(folder: Path, kind: str, oof: dict[str, np.ndarray], test: dict[str, np.ndarray], seed: int,
                   n_folds: int = F) -> None:
+    """``oof.npz`` and ``test.npz`` with the keys documented in :mod:`patchflannel.patch_train`."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     k = 1 if kind == "global" else K
@@ -77,12 +104,25 @@ def write_learner(folder: Path, kind: str, oof: dict[str, np.ndarray], test: dic
              classes=np.array(CLASSES), k=np.array(k))
     decided = _decide(rng, test["y"], kind)
     per_fold = [_dist(rng, decided, kind) for _ in range(n_folds)]
-    np.savez(folder / "test.npz", **test, soft=np.stack([s for s, _ in per_fold], 1),
+    np.savez(folder / "test.npz", **test, fold=np.full(len(test["y"]), -1), soft=np.stack([s for s, _ in per_fold], 1),
              hard=np.stack([h for _, h in per_fold], 1), classes=np.array(CLASSES), k=np.array(k))
 
 
-def make_runs(root: Path, test_labels: np.ndarray | None = None) -> list[Path]:
-    """Two train-patch run layouts: runA = good, noisy; runB = anti, global-good."""
+def write_fold_models(folder: Path, seed: int, n_folds: int = F) -> None:
+    """``folder/fold<f>/best``: Learner folders as train-patch writes them."""
+    for f in range(n_folds):
+        torch.manual_seed(seed * 10 + f)
+        m = create_learner("squeezenet1_1", num_classes=4, classes=CLASSES, input_spec=SPEC,
+                           info={"training": {"fold": f}})
+        m.save_pretrained(folder / f"fold{f}" / "best")
+
+
+def make_runs(root: Path, test_labels: np.ndarray | None = None, segmenter: Path | None = None) -> list[Path]:
+    """Two train-patch run layouts: runA = good, noisy; runB = anti, global-good.
+
+    With ``segmenter``, each run also gets a ``config.yaml`` naming it and the
+    patch learners get their fold models (what :func:`export_classifier` reads).
+    """
     rng = np.random.default_rng(0)
     oof, test = _images(rng, N_OOF, "o"), _images(rng, N_TEST, "t")
     if test_labels is not None:
@@ -95,15 +135,30 @@ def make_runs(root: Path, test_labels: np.ndarray | None = None) -> list[Path]:
     write_learner(run_a / "noisy", "noisy", oof_shuffled, test, 2)
     write_learner(run_b / "anti", "anti", oof, test, 3)
     write_learner(run_b / "global-good", "global", oof_shuffled, test, 4)
-    (run_a / "good" / "fold0").mkdir()  # learner subfolders and stray folders must not confuse discovery
-    (run_b / "logs").mkdir()
+    (run_b / "logs").mkdir()  # stray folders must not confuse discovery
+    if segmenter is None:
+        (run_a / "good" / "fold0").mkdir()  # nor learner subfolders
+    else:
+        for i, (run, name) in enumerate([(run_a, "good"), (run_a, "noisy"), (run_b, "anti")]):
+            write_fold_models(run / name, i + 1)
+        for run in (run_a, run_b):
+            (run / "config.yaml").write_text(yaml.safe_dump({"data": {"segmenter": str(segmenter)}}))
     return [run_a, run_b]
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path, dict[str, Any]]:
+def segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random lung U-Net saved as a weights folder (nothing shipped or downloaded)."""
+    torch.manual_seed(0)
+    seg = LungSegmenter(build_unet("resnet18", (16, 8, 8, 8, 8), 1), Preprocess(size=64), ("scr",),
+                        config={"encoder": "resnet18", "decoder_channels": [16, 8, 8, 8, 8]})
+    return seg.save_pretrained(tmp_path_factory.mktemp("seg") / "tiny_unet")
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory, segmenter_dir: Path) -> tuple[list[Path], Path, dict[str, Any]]:
     root = tmp_path_factory.mktemp("ens")
-    runs = make_runs(root)
+    runs = make_runs(root, segmenter=segmenter_dir)
     out = root / "out"
     seen: list[str] = []
 
@@ -114,6 +169,25 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path, dic
     results = run_ensemble(CFG, runs, out, track=track)
     assert seen, "track was never used"
     return runs, out, results
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_unknown_keys(tmp_path: Path) -> None:
+    cfg = resolve_config({"seeds": 2})
+    assert cfg["seeds"] == 2 and cfg["gamma"] == EnsembleConfig().gamma and cfg["distribution"] == "soft"
+    assert resolve_config(EnsembleConfig(epochs=7))["epochs"] == 7
+    with pytest.raises(ConfigError, match="epochz"):
+        resolve_config({"epochz": 3})
+    with pytest.raises(ConfigError, match="seeds"):
+        resolve_config({"seeds": 0})
+    with pytest.raises(ConfigError, match="distribution"):
+        resolve_config({"distribution": "median"})
+    # run_ensemble checks its config before touching any file.
+    with pytest.raises(ConfigError, match="epochz"):
+        run_ensemble({"epochz": 3}, [tmp_path], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- loading
@@ -131,6 +205,7 @@ def test_load_votes_aligns_by_id(ran: tuple[list[Path], Path, dict[str, Any]]) -
         np.testing.assert_allclose(oof.P[:, 1], z["soft"][[where[i] for i in oof.ids]])
     sub, _, _ = load_votes(runs, learners=["anti", "good"], distribution="hard")
     assert sub.names == ["anti", "good"] and sub.distribution == "hard" and sub.k["good"] == K
+    assert sub.k["anti"] == K and lset.k["global-good"] == 1
 
 
 def test_mismatched_ids_raise(tmp_path: Path) -> None:
@@ -141,10 +216,24 @@ def test_mismatched_ids_raise(tmp_path: Path) -> None:
     d["ids"] = d["ids"].copy()
     d["ids"][:3] = ["x1", "x2", "x3"]
     np.savez(path, **d)
-    with pytest.raises(ValueError, match=r"'anti'.*3 missing, 3 extra"):
+    with pytest.raises(DataError, match=r"'anti'.*3 missing, 3 extra"):
         load_votes(runs)
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         load_votes(runs, learners=["nope"])
+
+
+def test_missing_vote_keys_and_no_learners_raise(tmp_path: Path) -> None:
+    runs = make_runs(tmp_path)
+    path = runs[0] / "good" / "oof.npz"
+    with np.load(path) as z:
+        d = {k: z[k] for k in z.files if k != "patients"}
+    np.savez(path, **d)
+    with pytest.raises(DataError, match="lacks.*patients"):
+        load_votes(runs)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no learner folders"):
+        load_votes([empty])
 
 
 def test_different_fold_counts_raise(tmp_path: Path) -> None:
@@ -152,7 +241,7 @@ def test_different_fold_counts_raise(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     oof, test = _images(rng, N_OOF, "o"), _images(rng, N_TEST, "t")
     write_learner(runs[1] / "three", "good", oof, test, 5, n_folds=3)
-    with pytest.raises(ValueError, match="'three'.*3 fold models"):
+    with pytest.raises(DataError, match="'three'.*3 fold models"):
         load_votes(runs)
 
 
@@ -162,11 +251,11 @@ def test_different_fold_counts_raise(tmp_path: Path) -> None:
 def test_outputs_and_rows(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
     _, out, results = ran
     for name in ("config.yaml", "split.json", "table.md", "results.json", "results.csv", "claims.md",
-                 "predictions_test.npz", "flannel.safetensors", "flannel.json", "confusion_flannel_focal.png",
-                 "confusion_best_single.png", "roc_pr_covid.png", "weights_flannel_focal.png",
-                 "history_flannel_focal.png"):
+                 "calibration.json", "predictions_test.npz", "flannel/config.json", "flannel/model.safetensors",
+                 "confusion_flannel_focal.png", "confusion_best_single.png", "roc_pr_covid.png",
+                 "weights_flannel_focal.png", "history_flannel_focal.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert not list(out.glob(".*.tmp")), "temp file left behind"
+    assert not list(out.rglob(".*.tmp")) and not list(out.rglob("*.tmp")), "temp file left behind"
     table = (out / "table.md").read_text()
     body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Model")]
     assert [line.split(" | ")[0][2:] for line in body] == ALL_ROWS  # all rows, in order
@@ -181,10 +270,22 @@ def test_outputs_and_rows(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
                 continue
             assert s["mean"] is not None and 0.0 <= s["mean"] <= 1.0, (row["name"], key, s)
             assert math.isfinite(s["std"])
-    assert set(on_disk["flannel_weights"]["per_learner"]) == {"good", "noisy", "anti"}
+    assert set(on_disk["flannel_weights"]["per_learner"]) == set(PATCH_LEARNERS)
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0] == "model,key,metric,mean,std,n"
     assert sum(line.startswith("FLANNEL (CE),") for line in csv_lines) == len(on_disk["rows"][0]["summary"])
+    # The resolved config records the run folders, so the output can be exported later.
+    saved_cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved_cfg["runs"] == [str(r.resolve()) for r in ran[0]] and saved_cfg["seeds"] == CFG["seeds"]
+
+
+def test_split_is_grouped_by_patient(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
+    _, out, _ = ran
+    split = json.loads((out / "split.json").read_text())
+    tr, va = set(split["train"]), set(split["val"])
+    assert not tr & va and len(tr | va) == N_OOF
+    patient = {f"o{i:03d}": f"op{i // 2}" for i in range(N_OOF)}
+    assert not {patient[i] for i in tr} & {patient[i] for i in va}
 
 
 def test_flannel_beats_noise_and_uses_the_good_learner(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
@@ -224,14 +325,16 @@ def test_source_confound_rules() -> None:
     assert none["unknown_source"] == 35 and "cannot be checked" in none["verdict"]
 
 
-# --------------------------------------------------------------------------- saved model and leakage
+# --------------------------------------------------------------------------- saved model, calibration and leakage
 
 
 def test_saved_flannel_reproduces_predictions(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
     _, out, _ = ran
-    model, sidecar = load_flannel(out / "flannel.safetensors")
-    assert sidecar["task"] == "flannel_ensemble" and sidecar["learners"] == ["good", "noisy", "anti"]
-    assert sidecar["n_learners"] == 3 and sidecar["n_classes"] == 4 and sidecar["classes"] == CLASSES
+    model, sidecar = load_flannel(out / "flannel")
+    assert isinstance(model, FlannelWeights) and not model.training
+    assert sidecar["task"] == "combiner" and sidecar["combiner"] == "flannel"
+    assert sidecar["learners"] == PATCH_LEARNERS and sidecar["classes"] == CLASSES
+    assert sidecar["n_learners"] == 3 and sidecar["n_classes"] == 4
     assert sidecar["k"] == K and sidecar["gamma"] == 3.0 and sidecar["distribution"] == "soft"
     assert len(sidecar["alpha"]) == 4 and abs(sum(sidecar["alpha"]) - 1) < 1e-6
     assert len(sidecar["source_runs"]) == 2 and "mean" in sidecar["test_macro_f1"]
@@ -243,24 +346,191 @@ def test_saved_flannel_reproduces_predictions(ran: tuple[list[Path], Path, dict[
     np.testing.assert_allclose(w.numpy(), pred["flannel_focal_weights"], atol=1e-6)
 
 
-def test_test_labels_do_not_change_training(ran: tuple[list[Path], Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_calibration_json(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
+    _, out, results = ran
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal == json.loads(json.dumps(results["calibration"]))
+    assert cal["kind"] == "temperature" and cal["temperature"] > 0
+    calibrator = Calibrator.from_dict(cal)
+    # The numbers it reports are the ones its temperature gives on the test votes (mean of fold models).
+    model, _ = load_flannel(out / "flannel")
+    pred = np.load(out / "predictions_test.npz")
+    with torch.no_grad():
+        z = combiner_logits(model, torch.as_tensor(pred["P_mean_of_fold_models"][:, :3])).double()
+    from patchflannel.calibrate import brier_score, expected_calibration_error
+
+    y = pred["y"]
+    raw, calibrated = torch.softmax(z, 1).numpy(), calibrator.probabilities(z.numpy())
+    assert cal["test_ece_raw"] == pytest.approx(expected_calibration_error(raw, y), abs=1e-9)
+    assert cal["test_ece_calibrated"] == pytest.approx(expected_calibration_error(calibrated, y), abs=1e-9)
+    assert cal["test_brier_calibrated"] == pytest.approx(brier_score(calibrated, y), abs=1e-9)
+    # A temperature never changes the predicted class.
+    assert cal["test_accuracy"] == pytest.approx(float((calibrated.argmax(1) == y).mean()))
+    assert str(len(json.loads((out / "split.json").read_text())["val"])) in cal["fitted_on"]
+
+
+def _no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reruns skip the figures (a third of a run's time); the numbers are what they compare."""
+    import patchflannel.ensemble_run as er
+
+    monkeypatch.setattr(er, "_plots", lambda *args, **kwargs: None)
+
+
+def test_rerun_with_other_test_labels_trains_the_same(ran: tuple[list[Path], Path, dict[str, Any]],
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test votes never influence training; rerunning over an existing output folder rewrites it."""
     runs, out, results = ran
+    _no_plots(monkeypatch)
     flipped = (np.load(runs[0] / "good" / "test.npz")["y"] + 1) % 4
     out2 = tmp_path / "out"
+    shutil.copytree(out, out2)  # an earlier run's output is overwritten in place
+    table_before = (out2 / "table.md").read_text()
     results2 = run_ensemble(CFG, make_runs(tmp_path, test_labels=flipped), out2)
-    a, b = load_file(out / "flannel.safetensors"), load_file(out2 / "flannel.safetensors")
+    a, b = load_file(out / "flannel" / "model.safetensors"), load_file(out2 / "flannel" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # Every combiner, every seed: same best epochs, validation scores, class weights.
     assert [r.get("fit") for r in results["rows"]] == [r.get("fit") for r in results2["rows"]]
     assert json.loads((out / "split.json").read_text()) == json.loads((out2 / "split.json").read_text())
-    # ... while the test metrics did change.
+    # The temperature is fitted on out-of-fold votes only.
+    assert results["calibration"]["temperature"] == results2["calibration"]["temperature"]
+    # ... while the test metrics did change, and the files say so.
     good = [{r["name"]: r for r in res["rows"]}["good"]["summary"]["macro_f1"]["mean"] for res in (results, results2)]
     assert good[0] != good[1]
+    assert (out2 / "table.md").read_text() != table_before
+    on_disk = json.loads((out2 / "results.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(results2["rows"]))
+    np.testing.assert_array_equal(np.load(out2 / "predictions_test.npz")["y"], flipped)  # ids t000… are in order
+    assert not list(out2.rglob("*.tmp"))
 
 
-def test_rerun_is_idempotent(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
+# --------------------------------------------------------------------------- export
+
+
+def _prepared(n: int = 2) -> Prepared:
+    g = torch.Generator().manual_seed(5)
+    work = torch.randint(0, 256, (n, 1, 1024, 1024), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(n, 1, 1024, 1024, dtype=torch.bool)
+    masks[:, :, 200:800, 150:450] = True
+    masks[:, :, 220:780, 580:880] = True
+    q = MaskQuality(lung_fraction=0.3, components=2, removed=0, balance=1.0, suspicious=False, reason="")
+    return Prepared(work, masks, [q] * n, [(1024, 1024)] * n)
+
+
+def _expected_P(runs: list[Path], prep: Prepared, k: int, seed: int) -> torch.Tensor:
+    """Each patch learner's distribution from its fold models, computed from the run folders directly."""
+    seeds = [image_seed(w, seed) for w in prep.work[:, 0].numpy()]
+    folders = {"good": runs[0] / "good", "noisy": runs[0] / "noisy", "anti": runs[1] / "anti"}
+    per = []
+    for name in PATCH_LEARNERS:
+        dists = []
+        for f in range(F):
+            m = Learner.from_pretrained(folders[name] / f"fold{f}" / "best")
+            x, _, _ = make_inputs(prep.work, prep.masks, m.input_spec, k, seeds=seeds)
+            dists.append(vote(predict_distribution(m, x))[1])
+        per.append(torch.stack(dists).mean(0))
+    return torch.stack(per, dim=1)
+
+
+@pytest.fixture(scope="module")
+def exported(ran: tuple[list[Path], Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ensemble run exported with float32 learners, over a folder left by an earlier export."""
+    dest = tmp_path_factory.mktemp("export") / "clf"
+    dest.mkdir()
+    (dest / "stale.txt").write_text("from an earlier export")
+    assert export_classifier(ran[1], dest, members="folds", half=False) == dest
+    return dest
+
+
+def test_export_classifier_round_trip(ran: tuple[list[Path], Path, dict[str, Any]], exported: Path,
+                                      segmenter_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     runs, out, _ = ran
-    before = (out / "table.md").read_text()
-    run_ensemble({**CFG, "learners": ["good", "noisy", "anti", "global-good"]}, runs, out)
-    assert (out / "table.md").read_text() == before
-    assert not list(out.glob(".*.tmp"))
+    dest = exported
+    assert not (dest / "stale.txt").exists(), "the destination must be replaced whole"
+    cfg = json.loads((dest / "config.json").read_text())
+    assert cfg["task"] == "cxr_classifier" and cfg["classes"] == CLASSES and cfg["learners"] == PATCH_LEARNERS
+    assert cfg["members"] == {n: ["fold0", "fold1"] for n in PATCH_LEARNERS}
+    assert cfg["defaults"]["k"] == K and cfg["training"]["members"] == "folds"
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert cfg["calibration"]["kind"] == "temperature"
+    assert cfg["calibration"]["temperature"] == pytest.approx(calibration["temperature"])
+
+    with caplog.at_level(logging.WARNING, logger="patchflannel"):
+        clf = Classifier.from_pretrained(dest, segmenter=str(segmenter_dir))
+    assert not [r for r in caplog.records if "another lung segmenter" in r.getMessage()]
+    assert clf.names == tuple(PATCH_LEARNERS) and clf.classes == tuple(CLASSES) and clf.default_k == K
+    assert clf.calibrator.temperature == pytest.approx(calibration["temperature"])
+    assert all(m.input_spec == SPEC and len(ms) == F for ms in clf.learners.values() for m in ms)
+    # The combiner is the ensemble run's FLANNEL, tensor for tensor.
+    flannel, _ = load_flannel(out / "flannel")
+    for key, value in flannel.state_dict().items():
+        assert torch.equal(clf.combiner.state_dict()[key], value), key
+
+    # The learners' distributions are the mean over each learner's fold models, crops drawn per image.
+    prep, k, seed = _prepared(), 3, 11
+    P, centres, _ = clf.learner_distributions(prep, k, seed)
+    torch.testing.assert_close(P, _expected_P(runs, prep, k, seed), atol=1e-6, rtol=1e-5)
+    assert centres.shape == (2, k, 2)
+    probs, raw, w = clf.combine(P)
+    with torch.no_grad():
+        z, w_ref = flannel(P)
+    np.testing.assert_allclose(raw, torch.softmax(z.double(), 1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(probs, torch.softmax(z.double() / calibration["temperature"], 1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(w, w_ref.double().numpy(), atol=1e-6)
+    np.testing.assert_array_equal(probs.argmax(1), raw.argmax(1))
+
+
+def test_export_half_and_segmenter_object(ran: tuple[list[Path], Path, dict[str, Any]], segmenter_dir: Path,
+                                          tmp_path: Path) -> None:
+    runs, out, _ = ran
+    dest = export_classifier(out, tmp_path / "clf")  # default: float16 learners
+    member = dest / "learners" / "anti" / "fold1"
+    with safe_open(str(member / "model.safetensors"), "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys() if fh.get_tensor(k).is_floating_point()} == {torch.float16}
+    assert json.loads((member / "config.json").read_text())["stored_dtype"] == "float16"
+    clf = Classifier.from_pretrained(dest, segmenter=LungSegmenter.from_pretrained(segmenter_dir))
+    original = Learner.from_pretrained(runs[1] / "anti" / "fold1" / "best")
+    loaded = clf.learners["anti"][1]
+    assert loaded.info["member"] == "fold1"
+    for key, value in original.state_dict().items():
+        v = loaded.state_dict()[key]
+        assert v.dtype == value.dtype, key  # loaded back as float32
+        if value.is_floating_point():
+            assert torch.equal(v, value.half().float()), key
+
+
+def test_export_refuses_unsafe_or_missing_members(ran: tuple[list[Path], Path, dict[str, Any]],
+                                                  tmp_path: Path) -> None:
+    _, out, _ = ran
+    with pytest.raises(ConfigError, match="members"):
+        export_classifier(out, tmp_path / "a", members="all")
+    # No refit models were trained in these runs.
+    with pytest.raises(DataError, match="refit"):
+        export_classifier(out, tmp_path / "b", members="refit")
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(DataError, match="not an ensemble output folder"):
+        export_classifier(tmp_path, tmp_path / "c")
+
+    # A crafted combiner config naming a learner outside the runs must not be followed.
+    crafted = tmp_path / "crafted"
+    shutil.copytree(out, crafted)
+    cfg_path = crafted / "flannel" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for bad in ("../runA/anti", "runB/anti", ".hidden"):
+        cfg["learners"] = ["good", "noisy", bad]
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(DataError, match="not a safe file name"):
+            export_classifier(crafted, tmp_path / "d")
+        assert not (tmp_path / "d").exists()
+
+
+def test_classifier_folder_with_unsafe_learner_name_is_refused(exported: Path, segmenter_dir: Path,
+                                                               tmp_path: Path) -> None:
+    dest = tmp_path / "clf"
+    shutil.copytree(exported, dest)
+    cfg_path = dest / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["learners"][0] = "../good"
+    cfg["members"]["../good"] = cfg["members"].pop("good")
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="not a safe file name"):
+        Classifier.from_pretrained(dest, segmenter=str(segmenter_dir))

@@ -1,4 +1,5 @@
-"""Tests for patchflannel.learners: shapes, gradients, weights without network."""
+"""Tests for patchflannel.learners: shapes, gradients, weights without network, saved learner
+folders, and the one input function (make_inputs)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+from patchflannel.errors import WeightsError, WeightsNotFoundError
 from patchflannel.learners import (
     LEARNERS,
+    InputSpec,
     Learner,
     create_learner,
     learner_info,
     list_learners,
     load_backbone_state_dict,
+    make_inputs,
 )
-from patchflannel.weights import WeightsNotFoundError
 
 LIGHT = list_learners(light_only=True)
 PAPER = list_learners(paper_only=True)
@@ -158,8 +161,13 @@ def test_builder_kwargs_pass_through_and_none_dropped() -> None:
 
 def test_data_config_is_json_ready() -> None:
     config = create_learner("squeezenet1_1").data_config()
-    assert json.loads(json.dumps(config))["input_size"] == [1, 224, 224]
+    # The default input: 224 px patches of the 1024² image, seen at 112 px.
+    assert json.loads(json.dumps(config))["input_size"] == [1, 112, 112]
     assert config["architecture"] == "squeezenet1_1" and config["num_classes"] == 4
+    assert config["task"] == "cxr_learner" and config["classes"] == ["class0", "class1", "class2", "class3"]
+    assert config["input"] == InputSpec().to_dict()
+    spec = InputSpec(mode="global", global_size=256)
+    assert create_learner("squeezenet1_1", input_spec=spec).data_config()["input_size"] == [1, 256, 256]
 
 
 # ------------------------------------------------------------------- weights
@@ -291,20 +299,220 @@ def test_squeezenet_logits_are_not_clipped_at_zero() -> None:
 
 
 @pytest.mark.parametrize("name", ["mnasnet0_5", "mobilenet_v3_small"])
-def test_safetensors_roundtrip_same_output(tmp_path, name: str) -> None:
+def test_safetensors_roundtrip_same_output(tmp_path: Path, name: str) -> None:
     """safetensors drops module versions; MNASNet refuses a state dict without them unless we restore them."""
-    from patchflannel.learners import create_learner
-    from patchflannel.weights import load_state, load_weights, save_weights
+    from patchflannel.hub import load_pretrained, load_state_dict, save_pretrained
 
     torch.manual_seed(0)
     m = create_learner(name, num_classes=4).eval()
-    save_weights(m, tmp_path / "w", {"learner": name})
-    state, _ = load_weights(tmp_path / "w")
+    save_pretrained(tmp_path / "w", m, {"task": "cxr_learner", "architecture": name})
+    state, cfg = load_pretrained(tmp_path / "w", task="cxr_learner")
+    assert cfg["architecture"] == name
     m2 = create_learner(name, num_classes=4).eval()
-    load_state(m2, state)
+    load_state_dict(m2, state, tmp_path / "w")
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(m(x), m2(x))
-    m3 = create_learner(name, num_classes=4, pretrained=str(tmp_path / "w.safetensors")).eval()
+    m3 = create_learner(name, num_classes=4, pretrained=str(tmp_path / "w" / "model.safetensors")).eval()
     with torch.no_grad():
-        assert m3(x).shape == (2, 4)
+        torch.testing.assert_close(m(x), m3(x))
+
+
+# ------------------------------------------------------------------- saved learner folders
+
+CLASSES = ("normal", "bacteria", "virus", "covid")
+
+
+def test_learner_save_from_pretrained_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    spec = InputSpec(patch_size=128, learner_input=32, mask_outside=False, normalise="lung_zscore")
+    m = create_learner("mnasnet0_5", num_classes=4, classes=CLASSES, input_spec=spec,
+                       info={"training": {"epochs": 3}, "metrics": {"macro_f1": 0.5}, "ignored": 1}).eval()
+    folder = m.save_pretrained(tmp_path / "best", extra={"member": "fold1"})
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["task"] == "cxr_learner" and cfg["architecture"] == "mnasnet0_5" and cfg["classes"] == list(CLASSES)
+    assert cfg["input"]["normalise"] == "lung_zscore" and cfg["member"] == "fold1" and "code_version" in cfg
+
+    torch.manual_seed(1)  # another init: every tensor must come from the file
+    loaded = Learner.from_pretrained(folder)
+    assert isinstance(loaded, Learner) and not loaded.training
+    assert loaded.classes == CLASSES and loaded.input_spec == spec and loaded.name == "mnasnet0_5"
+    assert loaded.info == {"training": {"epochs": 3}, "metrics": {"macro_f1": 0.5}, "member": "fold1"}
+    for key, value in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), loaded(x))
+
+
+def test_learner_global_name_and_float16_folder(tmp_path: Path) -> None:
+    from patchflannel.hub import save_pretrained
+
+    m = create_learner("squeezenet1_1", num_classes=4, classes=CLASSES, input_spec=InputSpec(mode="global"))
+    assert m.name == "global-squeezenet1_1"
+    half = {k: v.half() if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    save_pretrained(tmp_path / "h", half, m.data_config())
+    loaded = Learner.from_pretrained(tmp_path / "h")  # float16 tensors load as float32
+    for key, value in m.state_dict().items():
+        v = loaded.state_dict()[key]
+        assert v.dtype == value.dtype and (not value.is_floating_point() or torch.equal(v, value.half().float())), key
+
+
+def test_learner_from_pretrained_errors(tmp_path: Path) -> None:
+    with pytest.raises(WeightsNotFoundError):
+        Learner.from_pretrained(tmp_path / "nothing")
+    m = create_learner("squeezenet1_1", num_classes=4)
+    folder = m.save_pretrained(tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "task": "combiner"}))
+    with pytest.raises(WeightsError, match="not 'cxr_learner'"):
+        Learner.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "architecture": "resnet9000"}))
+    with pytest.raises(WeightsError, match="not a usable learner config"):
+        Learner.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_classes": 3, "classes": ["a", "b", "c"]}))
+    with pytest.raises(WeightsError, match="do not fit"):
+        Learner.from_pretrained(folder)
+    with pytest.raises(ValueError, match="class names"):
+        create_learner("squeezenet1_1", num_classes=4, classes=["a", "b"])
+
+
+# ------------------------------------------------------------------- input spec and make_inputs
+
+
+def test_input_spec_validation_and_keys() -> None:
+    spec = InputSpec(patch_size=224, learner_input=56)
+    assert spec.factor == 4 and spec.side == 56
+    assert InputSpec(mode="global", global_size=300).side == 300
+    with pytest.raises(ValueError, match="multiple"):
+        InputSpec(patch_size=224, learner_input=100)
+    with pytest.raises(ValueError, match="multiple"):
+        InputSpec(patch_size=64, learner_input=8)
+    with pytest.raises(ValueError, match="mode"):
+        InputSpec(mode="tiles")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="normalise"):
+        InputSpec(normalise="minmax")  # type: ignore[arg-type]
+    # Crops can be shared exactly when everything that shapes them is equal.
+    assert InputSpec().crops_key() == InputSpec().crops_key()
+    assert InputSpec().crops_key() != InputSpec(mask_outside=False).crops_key()
+    assert InputSpec(**InputSpec(normalise="lung_zscore").to_dict()) == InputSpec(normalise="lung_zscore")
+
+
+def _work(b: int = 3, size: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small work images (uint8, random) with two rectangular 'lungs' each, shifted per image."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (b, 1, size, size), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(b, 1, size, size, dtype=torch.bool)
+    for i in range(b):
+        masks[i, 0, 20 + 4 * i : 100, 10:50] = True
+        masks[i, 0, 24:96 - 4 * i, 70:118] = True
+    return images, masks
+
+
+def test_make_inputs_patch_mode_crops_the_shrunk_image() -> None:
+    images, masks = _work()
+    spec = InputSpec(patch_size=32, learner_input=16, work_size=128)
+    x, centres, cm = make_inputs(images, masks, spec, k=5, seeds=[1, 2, 3], with_masks=True)
+    assert x.shape == (3, 5, 1, 16, 16) and x.dtype == torch.float32
+    assert centres.shape == (3, 5, 2) and centres.dtype == torch.int64 and cm.shape == (3, 5, 1, 16, 16)
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    # centres are reported at work-image coordinates (a multiple of the shrink factor) and lie in the lungs
+    assert bool((centres % 2 == 0).all())
+    b = torch.arange(3)[:, None]
+    small = torch.nn.functional.avg_pool2d(masks.float(), 2) >= 0.5
+    assert bool(small[b, 0, centres[..., 0] // 2, centres[..., 1] // 2].all())
+    # by hand: crop (b,k) is the 2× area-shrunk image around its centre, zero outside the lungs
+    shrunk = torch.nn.functional.avg_pool2d(images.float(), 2).round()
+    for i in range(3):
+        for j in range(5):
+            r, c = (int(v) // 2 for v in centres[i, j])
+            expect = torch.zeros(16, 16)
+            r0, c0 = r - 8, c - 8
+            for rr in range(16):
+                for cc in range(16):
+                    y, xx = r0 + rr, c0 + cc
+                    if 0 <= y < 64 and 0 <= xx < 64 and small[i, 0, y, xx]:
+                        expect[rr, cc] = shrunk[i, 0, y, xx]
+            torch.testing.assert_close(x[i, j, 0] * 255, expect, atol=1e-3, rtol=0)
+            assert torch.equal(cm[i, j, 0], _small_window(small[i, 0], r, c))
+
+
+def _small_window(mask: torch.Tensor, r: int, c: int, size: int = 16) -> torch.Tensor:
+    out = torch.zeros(size, size, dtype=torch.bool)
+    for rr in range(size):
+        for cc in range(size):
+            y, x = r - size // 2 + rr, c - size // 2 + cc
+            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1]:
+                out[rr, cc] = mask[y, x]
+    return out
+
+
+def test_make_inputs_each_image_depends_only_on_its_own_seed() -> None:
+    images, masks = _work(b=3)
+    spec = InputSpec(patch_size=32, learner_input=16, work_size=128)
+    x, centres, _ = make_inputs(images, masks, spec, k=6, seeds=[10, 20, 30])
+    # the same image with the same seed, alone or in another batch order, gets the same crops
+    for i, seed in enumerate([10, 20, 30]):
+        xi, ci, _ = make_inputs(images[i : i + 1], masks[i : i + 1], spec, k=6, seeds=[seed])
+        assert torch.equal(xi[0], x[i]) and torch.equal(ci[0], centres[i])
+    order = [2, 0, 1]
+    xr, cr, _ = make_inputs(images[order], masks[order], spec, k=6, seeds=[30, 10, 20])
+    assert torch.equal(xr, x[order]) and torch.equal(cr, centres[order])
+    # another seed, other crops
+    _, c2, _ = make_inputs(images, masks, spec, k=6, seeds=[11, 20, 30])
+    assert not torch.equal(c2[0], centres[0]) and torch.equal(c2[1:], centres[1:])
+
+
+def test_make_inputs_generators_continue_in_chunks() -> None:
+    from patchflannel.sampler import image_generators
+
+    images, masks = _work(b=2)
+    spec = InputSpec(patch_size=32, learner_input=16, work_size=128)
+    x, centres, _ = make_inputs(images, masks, spec, k=8, seeds=[5, 6])
+    gens = image_generators([5, 6])
+    parts = [make_inputs(images, masks, spec, k=k, generators=gens) for k in (3, 5)]
+    assert torch.equal(torch.cat([p[1] for p in parts], 1), centres)
+    assert torch.equal(torch.cat([p[0] for p in parts], 1), x)
+
+
+def test_make_inputs_global_mode() -> None:
+    images, masks = _work(b=2)
+    spec = InputSpec(mode="global", global_size=32, mask_outside=True, work_size=128)
+    x, centres, cm = make_inputs(images, masks, spec, k=7, seeds=[0, 0], with_masks=True)
+    assert x.shape == (2, 1, 1, 32, 32) and centres is None and cm.shape == (2, 1, 1, 32, 32)
+    # area-resized lungs-only image: each output pixel is the mean of its 4×4 block
+    masked = torch.where(masks, images, torch.zeros((), dtype=torch.uint8)).float()
+    expected = masked.view(2, 1, 32, 4, 32, 4).mean(dim=(3, 5)) / 255
+    torch.testing.assert_close(x[:, 0], expected, atol=1e-6, rtol=0)
+    unmasked, _, _ = make_inputs(images, masks, InputSpec(mode="global", global_size=32, mask_outside=False), k=1)
+    torch.testing.assert_close(unmasked[:, 0], images.float().view(2, 1, 32, 4, 32, 4).mean(dim=(3, 5)) / 255,
+                               atol=1e-6, rtol=0)
+
+
+def test_make_inputs_lung_zscore() -> None:
+    images, masks = _work(b=2)
+    # the second image is a darker, low-contrast copy of the first: after normalising they look alike
+    images[1] = (images[0].float() * 0.3 + 20).round().to(torch.uint8)
+    masks[1] = masks[0]
+    spec = InputSpec(mode="global", global_size=128, mask_outside=False, normalise="lung_zscore", work_size=128)
+    x, _, _ = make_inputs(images, masks, spec)
+    lung = masks[0, 0]
+    for i in range(2):
+        vals = x[i, 0, 0][lung].double()
+        assert vals.mean().item() == pytest.approx(0.5, abs=0.02)
+        assert vals.std().item() == pytest.approx(0.2, abs=0.02)
+    assert (x[0] - x[1]).abs().mean().item() < 0.01
+    # an image without lung pixels keeps its intensities
+    none = torch.zeros_like(masks[:1])
+    y, _, _ = make_inputs(images[:1], none, spec)
+    torch.testing.assert_close(y[0, 0, 0] * 255, images[0, 0].float(), atol=1e-3, rtol=0)
+
+
+def test_make_inputs_rejects_float_images() -> None:
+    images, masks = _work(b=1)
+    with pytest.raises(ValueError, match="uint8"):
+        make_inputs(images.float(), masks, InputSpec())
+    with pytest.raises(ValueError, match="one per image"):
+        make_inputs(images, masks, InputSpec(patch_size=32, learner_input=16), k=2,
+                    generators=[torch.Generator(), torch.Generator()])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from patchflannel.sampler import extract_patches, sample_centres, sample_patches
+from patchflannel.sampler import extract_patches, image_generators, sample_centres, sample_patches
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -112,6 +112,71 @@ def test_same_seed_same_centres_different_seed_different() -> None:
     c = sample_centres(masks, 100, generator=_gen(43))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+# ----------------------------------------------------------- one generator per image
+
+
+def _lung_like_batch(b: int = 4, seed: int = 0) -> Tensor:
+    """Masks that differ per image (size and density), so a shared draw would differ per image too."""
+    g = _gen(seed)
+    masks = torch.zeros(b, 1, 48, 40, dtype=torch.bool)
+    for i in range(b):
+        masks[i, 0, 4 + i : 44 - 2 * i, 3:18] = torch.rand(40 - 3 * i, 15, generator=g) < 0.3 + 0.15 * i
+        masks[i, 0, 6:40, 22 + i : 37] = True
+    return masks
+
+
+def test_per_image_generators_independent_of_batch_and_order() -> None:
+    masks = _lung_like_batch()
+    seeds = [101, 202, 303, 404]
+    together = sample_centres(masks, 30, generator=image_generators(seeds))
+    assert bool(_inside(masks, together).all())
+    # each image alone, with its own seed, draws exactly its rows of the batch draw
+    for i, s in enumerate(seeds):
+        alone = sample_centres(masks[i : i + 1], 30, generator=image_generators([s]))
+        assert torch.equal(alone[0], together[i])
+    # reversed batch order: every image keeps its centres
+    rev = list(reversed(range(4)))
+    reordered = sample_centres(masks[rev], 30, generator=image_generators([seeds[i] for i in rev]))
+    assert torch.equal(reordered, together[rev])
+    # another image in the batch (with another mask and seed) does not change the others
+    other = masks.clone()
+    other[0] = torch.ones_like(other[0])
+    changed = sample_centres(other, 30, generator=image_generators([999, *seeds[1:]]))
+    assert torch.equal(changed[1:], together[1:]) and not torch.equal(changed[0], together[0])
+    # a single generator for the whole batch does not have this property
+    shared = sample_centres(masks, 30, generator=_gen(101))
+    assert torch.equal(shared[0], together[0]) and not torch.equal(shared[1], together[1])
+
+
+def test_chunked_draws_equal_one_draw() -> None:
+    masks = _lung_like_batch(seed=1)
+    seeds = [7, 8, 9, 10]
+    once = sample_centres(masks, 50, generator=image_generators(seeds))
+    # K in chunks: the generators continue their streams (sequential voting)
+    gens = image_generators(seeds)
+    parts = [sample_centres(masks, k, generator=gens) for k in (1, 19, 30)]
+    assert torch.equal(torch.cat(parts, dim=1), once)
+    # images in chunks: each chunk with its images' generators
+    by_images = [sample_centres(masks[a:b], 50, generator=image_generators(seeds[a:b])) for a, b in ((0, 1), (1, 4))]
+    assert torch.equal(torch.cat(by_images), once)
+    # sample_patches takes the same generators and crops at those centres
+    images = torch.rand(4, 1, 48, 40, generator=_gen(2))
+    crops, centres = sample_patches(images, masks, 50, size=5, generator=image_generators(seeds))
+    assert torch.equal(centres, once) and torch.equal(crops, _reference_crops(images, once, 5))
+
+
+def test_image_generators_seeding() -> None:
+    a, b = image_generators([1, 1 << 63 | 5])
+    assert a.initial_seed() == 1 and b.initial_seed() == 5  # folded into the non-negative range
+    assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=torch.Generator().manual_seed(1)))
+
+
+def test_wrong_number_of_generators_is_an_error() -> None:
+    masks = _lung_like_batch()
+    with pytest.raises(ValueError, match="got 3 generators for 4 images"):
+        sample_centres(masks, 2, generator=image_generators([1, 2, 3]))
 
 
 def test_two_pixel_mask_each_pixel_half_the_time() -> None:
