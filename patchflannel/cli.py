@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -139,7 +140,7 @@ def _summary_table(results: list[dict[str, Any]], title: str, limit: int = 40) -
     table.add_column("detail", overflow="fold")
     shown = [r for r in results if r["status"] != "ok"] + [r for r in results if r["status"] == "ok"]
     for r in shown[:limit]:
-        table.add_row(str(r["file"]), "[green]ok[/]" if r["status"] == "ok" else "[red]failed[/]", r["detail"])
+        table.add_row(escape(str(r["file"])), "[green]ok[/]" if r["status"] == "ok" else "[red]failed[/]", r["detail"])
     if len(results) > limit:
         table.caption = f"… {len(results) - limit} more rows in the CSV"
     out.print(table)
@@ -199,7 +200,7 @@ def segment(
                                 images.append(read_image(f))
                                 batch.append(f)
                             except ImageReadError as exc:
-                                console.print(f"[red]✗[/] {exc}", highlight=False)
+                                console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                                 od.append_row("masks.csv", {"file": str(f), "name": names[f], "status": "error",
                                                             "error": exc.problem}, SEG_COLUMNS)
                                 results.append({"file": f, "status": "error", "detail": exc.problem})
@@ -391,7 +392,7 @@ def _load_cxr_data(cfg: Any, base: Path, rebuild: bool, dist: Any, track: Any) -
         console.print(f"building the cache {cache} ({len(records)} images; reading and segmenting each once)")
         _, errors = build_cache(records, seg, cache, cfg.data.segmenter, seg_sha, track=track)
         for e in errors:
-            console.print(f"[red]✗[/] {e}", highlight=False)
+            console.print(f"[red]✗[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         if errors:
             console.print(f"[yellow]{len(errors)} unreadable images left out of the cache[/]")
     dist.barrier()
@@ -565,7 +566,7 @@ def predict(
                             images.append(read_image(f))
                             batch.append(f)
                         except ImageReadError as exc:
-                            console.print(f"[red]✗[/] {exc}", highlight=False)
+                            console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                             od.append_row("predictions.csv", {"file": str(f), "name": names[f], "status": "error",
                                                               "error": exc.problem}, cols)
                             results.append({"file": f, "status": "error", "detail": exc.problem})
@@ -601,7 +602,7 @@ def predict(
                                 detail += f" [yellow](mask: {p.quality.reason})[/]"
                             results.append({"file": f, "status": "ok", "detail": detail})
                         else:
-                            console.print(f"[red]✗[/] {f}: {p.message}", highlight=False)
+                            console.print(f"[red]✗[/] {escape(str(f))}: {escape(p.message)}", highlight=False, soft_wrap=True)
                             results.append({"file": f, "status": p.status, "detail": p.message})
                         progress.advance(task)
         elapsed = time.perf_counter() - t0

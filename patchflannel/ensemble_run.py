@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import copy
+import zipfile
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -383,11 +384,17 @@ _OOF_KEYS = ("ids", "y", "soft", "hard", "patients", "sources", "classes", "k")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in _OOF_KEYS if k not in z.files]
-        if missing:
-            raise DataError(f"{path} lacks {missing}; rerun train-patch with this version to rewrite its vote files")
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in _OOF_KEYS if k not in z.files]
+            if missing:
+                raise DataError(f"{path} lacks {missing}; rerun train-patch with this version to rewrite its vote files")
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: not a readable vote file ({type(exc).__name__}: {exc}); rerun train-patch to "
+                        "rewrite it") from None
 
 
 def _sorted_by_id(d: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
@@ -1091,6 +1098,9 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
     if members not in ("folds", "refit"):
         raise ConfigError(f"members must be 'folds' or 'refit', got {members!r}")
     src = Path(ensemble_dir)
+    if not (src / "flannel" / "config.json").is_file() or not (src / "config.yaml").is_file():
+        raise DataError(f"{src}: not an ensemble output folder (needs config.yaml and flannel/ written by "
+                        "`patchflannel ensemble`)")
     try:
         cfg = yaml.safe_load((src / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:

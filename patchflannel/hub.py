@@ -127,9 +127,8 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
         if legacy is None:
             raise WeightsNotFoundError(f"weights {p} not found")
         st, js = legacy
-    for f in (js, st):
-        if not f.is_file():
-            raise WeightsNotFoundError(f"{f} not found: a weights folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not js.is_file():
+        raise WeightsNotFoundError(f"{js} not found: a weights folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         config = json.loads(js.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -138,6 +137,8 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
         raise WeightsError(f"{js}: expected a JSON object")
     if task is not None and config.get("task") != task:
         raise WeightsError(f"{p}: these are {config.get('task')!r} weights, not {task!r}")
+    if not st.is_file():
+        raise WeightsNotFoundError(f"{st} not found: a weights folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         state = load_file(str(st), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:

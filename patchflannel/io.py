@@ -413,7 +413,8 @@ def list_images(inputs: Sequence[str | os.PathLike[str]], recursive: bool = True
 
     Folders contribute files with a known image suffix (or none, as JSRT raw
     and DICOM files often have none), sorted; hidden files are skipped. Paths
-    that do not exist are kept so the caller reports them as bad input. A file
+    that do not exist, and broken symbolic links in folders, are kept so the
+    caller reports them as bad input. A file
     named twice (or reached through two arguments) is listed once.
     """
     out: list[Path] = []
@@ -421,7 +422,7 @@ def list_images(inputs: Sequence[str | os.PathLike[str]], recursive: bool = True
     for item in inputs:
         p = Path(item)
         found = ([f for f in sorted(p.rglob("*") if recursive else p.glob("*"))
-                  if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES]
+                  if (f.is_file() or f.is_symlink()) and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES]
                  if p.is_dir() else [p])
         for f in found:
             key = os.path.realpath(f)

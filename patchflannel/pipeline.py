@@ -183,7 +183,7 @@ class Classifier:
         if not isinstance(segmenter, LungSegmenter):
             seg_ref = segmenter or (cfg.get("segmenter") or {}).get("name", "lung_unet")
             seg_path = resolve_weights(seg_ref, option="--seg-weights")
-            segmenter = LungSegmenter.from_pretrained(seg_path, device)
+            segmenter = LungSegmenter.from_pretrained(seg_path, device, option="--seg-weights")
             want = (cfg.get("segmenter") or {}).get("sha256")
             have_file = seg_path / WEIGHTS_NAME if seg_path.is_dir() else seg_path.with_suffix(".safetensors")
             if want and have_file.is_file() and file_sha256(have_file) != want:

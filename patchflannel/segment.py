@@ -249,9 +249,9 @@ class LungSegmenter:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str] = DEFAULT_SEGMENTER,
-                        device: str | torch.device = "cpu") -> LungSegmenter:
+                        device: str | torch.device = "cpu", option: str = "--weights") -> LungSegmenter:
         """Load a segmenter saved by :meth:`save_pretrained` (a name is resolved by :func:`patchflannel.hub.resolve_weights`)."""
-        path = resolve_weights(name_or_path, option="--seg-weights")
+        path = resolve_weights(name_or_path, option=option)
         state, cfg = load_pretrained(path, task=TASK)
         try:
             conventions = tuple(cfg.get("conventions") or ("scr",))

@@ -538,8 +538,14 @@ def export_segmenter(run_dir: str | os.PathLike[str], dest: str | os.PathLike[st
     import json
 
     run_dir = Path(run_dir)
+    for need in ("best/config.json", "best/model.safetensors", "split.json"):
+        if not (run_dir / need).is_file():
+            raise DataError(f"{run_dir}: not a finished train-seg run folder ({need} is missing)")
     seg = LungSegmenter.from_pretrained(run_dir / "best")
-    split = json.loads((run_dir / "split.json").read_text())
+    try:
+        split = json.loads((run_dir / "split.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{run_dir / 'split.json'}: not readable ({exc})") from None
     extra: dict[str, Any] = {"split": {d: split[d] for d in ("jsrt", "v7") if d in split}, "split_seed": split.get("seed"),
                              "training_data": {d: f"{split['data'][d]}: {len(split[d]['train'])} train / {len(split[d]['val'])} "
                                                   f"val / {len(split[d]['test'])} held-out test images"

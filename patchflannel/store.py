@@ -53,7 +53,12 @@ class StoreWriter:
         self.size = size
         self.with_masks = with_masks
         self.provenance = provenance or {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise StoreError(f"--store {self.path}: is a folder; give a file name such as {self.path / 'store.h5'}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"--store {self.path}: cannot create its folder ({exc.strerror or exc})") from None
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp)
