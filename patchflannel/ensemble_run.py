@@ -41,12 +41,13 @@ import torch
 import yaml
 from pydantic import Field
 from torch import Tensor, nn
-from torch.utils.data import WeightedRandomSampler
 
 from ._files import write_csv, write_json, write_npz, write_text
 from .config import Section
 from .data import check_grouped, inner_validation
 from .errors import ConfigError, DataError
+from .runtime import Dist
+from .training import LoopSettings, Trainer, epoch_batches
 from .ensemble import (
     FlannelWeights,
     StackingMLP,
@@ -213,63 +214,55 @@ def fit_combiner(
     if weights is not None:
         weights = weights.to(device)
 
-    gen = torch.Generator().manual_seed(seed)
     n = P_tr.shape[0]
-    sampler: WeightedRandomSampler | None = None
-    if resample:
+    sample_w = None
+    if resample:  # each epoch draws n samples with replacement, ∝ 1/count(class)
         counts = torch.bincount(y_tr.cpu(), minlength=n_classes).double()
-        sample_w = (1.0 / counts.clamp_min(1))[y_tr.cpu()]
-        sampler = WeightedRandomSampler(sample_w, num_samples=n, replacement=True, generator=gen)
+        sample_w = (1.0 / counts.clamp_min(1))[y_tr.cpu()].numpy()
 
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "val_loss": [], "val_macro_f1": []}
-    best = (-math.inf, math.inf)  # (macro-F1, val loss); compare F1 first
-    best_state = copy.deepcopy(model.state_dict())
-    best_epoch, since_best, stopped_early = 0, 0, False
+    # The one training loop (patchflannel.training.Trainer), in memory: the combiner is a few
+    # thousand parameters fitted in seconds, so no run folder or checkpoint.
+    settings = LoopSettings(epochs=epochs, patience=patience, monitor="val_macro_f1", mode="max",
+                            tiebreak="val_loss", log_epochs=False)
+    fit_cfg = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "loss": loss, "gamma": g}
+    trainer = Trainer(model, opt, settings, run_dir=None, config=fit_cfg, dist=Dist(device=device), name="combiner")
+    best_state: dict[str, Tensor] = copy.deepcopy(model.state_dict())
+
+    def batches(epoch: int) -> list[np.ndarray]:
+        return epoch_batches(n, batch_size, seed, epoch, sample_w)
+
+    def step(m: nn.Module, idx: np.ndarray) -> tuple[Tensor, int]:
+        i = torch.as_tensor(idx, device=device)
+        return focal_loss(combiner_logits(m, P_tr[i]), y_tr[i], weights, g) * len(i), len(i)
+
+    def validate(m: nn.Module) -> dict[str, float]:
+        val_loss, val_f1 = _evaluate(m, P_va, y_va, weights, g, max(batch_size, 1024))
+        return {"val_macro_f1": val_f1, "val_loss": val_loss}
+
+    def on_best(m: nn.Module, _: dict[str, float]) -> None:
+        best_state.update(copy.deepcopy(m.state_dict()))
 
     cuda_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
+    with torch.random.fork_rng(devices=cuda_devices):  # dropout draws never touch the caller's RNG
         torch.manual_seed(seed)
-        for epoch in range(1, epochs + 1):
-            model.train()
-            order = torch.tensor(list(sampler)) if sampler is not None else torch.randperm(n, generator=gen)
-            order = order.to(device)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                batch_loss = focal_loss(combiner_logits(model, P_tr[idx]), y_tr[idx], weights, g)
-                if not torch.isfinite(batch_loss):
-                    raise FloatingPointError(
-                        f"non-finite training loss at epoch {epoch}; lower lr (now {lr}) or check P for NaN"
-                    )
-                opt.zero_grad(set_to_none=True)
-                batch_loss.backward()
-                opt.step()
-                total += float(batch_loss.detach()) * idx.numel()
-            val_loss, val_f1 = _evaluate(model, P_va, y_va, weights, g, max(batch_size, 1024))
-            for key, value in zip(history, (epoch, total / n, val_loss, val_f1)):
-                history[key].append(float(value))
-            logger.debug("epoch %d train %.4f val %.4f macro-F1 %.4f", epoch, total / n, val_loss, val_f1)
-
-            if val_f1 > best[0] or (val_f1 == best[0] and val_loss < best[1]):
-                best, best_epoch, since_best = (val_f1, val_loss), epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                since_best += 1
-                if since_best >= patience:
-                    stopped_early = True
-                    break
-
+        result = trainer.fit(batches, step, validate, on_best, len)
     model.load_state_dict(best_state)
     model.eval()
-    logger.info("best epoch %d of %d: val macro-F1 %.4f, val loss %.4f", best_epoch, epoch, best[0], best[1])
+    history = {"epoch": [h["epoch"] for h in result.history], "train_loss": [h["train_loss"] for h in result.history],
+               "val_loss": [h["val_loss"] for h in result.history],
+               "val_macro_f1": [h["val_macro_f1"] for h in result.history]}
+    best_row = next((h for h in result.history if h["epoch"] == result.best_epoch), None)
+    best_loss = float(best_row["val_loss"]) if best_row else math.inf
+    logger.info("best epoch %d of %d: val macro-F1 %.4f, val loss %.4f", result.best_epoch, result.epochs_run,
+                result.best_score, best_loss)
     return FitResult(
         model=model,
-        best_epoch=best_epoch,
-        best_val_macro_f1=best[0],
-        best_val_loss=best[1],
-        stopped_early=stopped_early,
+        best_epoch=result.best_epoch,
+        best_val_macro_f1=result.best_score,
+        best_val_loss=best_loss,
+        stopped_early=result.stopped_early,
         class_weights=None if weights is None else weights.cpu(),
         history=history,
     )

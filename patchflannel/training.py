@@ -100,6 +100,8 @@ class LoopSettings:
     lr_patience: int | None = None  # ReduceLROnPlateau patience; None = constant LR
     lr_factor: float = 0.5
     sync_bn: bool = False
+    tiebreak: str | None = None  # a second metric (lower is better) that decides between equal monitored scores
+    log_epochs: bool = True  # False: epoch lines at DEBUG level (many small fits, e.g. the ensemble's)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Trainer:
         self.epoch = 0
         self.best = -math.inf if settings.mode == "max" else math.inf
         self.best_epoch = 0
+        self.best_tiebreak = math.inf
         self.bad = 0
         self.history: list[dict[str, float]] = []
         self.resumed = False
@@ -185,6 +188,7 @@ class Trainer:
             raise ResumeError(f"{path}: does not fit this model ({str(exc)[:200]}); pass --restart to start over") from None
         self.epoch = int(ck["epoch"])
         self.best, self.best_epoch, self.bad = float(ck["best"]), int(ck["best_epoch"]), int(ck["bad"])
+        self.best_tiebreak = float(ck.get("best_tiebreak", math.inf))
         self.history = list(ck["history"])
         self.resumed = True
         log.info("%s: resumed from %s after epoch %d (best %s %.4f at epoch %d)", self.name, path, self.epoch,
@@ -199,6 +203,7 @@ class Trainer:
               "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
               "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
               "epoch": self.epoch, "best": float(self.best), "best_epoch": self.best_epoch, "bad": self.bad,
+              "best_tiebreak": float(self.best_tiebreak),
               "history": self.history, "config_hash": self.hash, "config_json": json.dumps(self.config_dict)}
         with atomic_path(self.run_dir / CHECKPOINT) as tmp:
             torch.save(ck, tmp)
@@ -211,9 +216,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _improved(self, score: float) -> bool:
+    def _improved(self, score: float, metrics: dict[str, float]) -> bool:
         if not math.isfinite(score):
             return False
+        tb = self.settings.tiebreak
+        if tb is not None and score == self.best:
+            return float(metrics[tb]) < self.best_tiebreak
         return score > self.best if self.settings.mode == "max" else score < self.best
 
     def fit(self, batches: Callable[[int], Sequence[Any]], step: Callable[[nn.Module, Any], tuple[Tensor, int]],
@@ -267,9 +275,11 @@ class Trainer:
             score = float(metrics[s.monitor])
             if self.scheduler is not None and math.isfinite(score):
                 self.scheduler.step(score)
-            improved = self._improved(score)
+            improved = self._improved(score, metrics)
             if improved:
                 self.best, self.best_epoch, self.bad = score, epoch, 0
+                if s.tiebreak is not None:
+                    self.best_tiebreak = float(metrics[s.tiebreak])
                 if self.dist.is_main:
                     on_best(self.module, metrics)
             else:
@@ -277,8 +287,8 @@ class Trainer:
             self.epoch = epoch
             self.history.append({"epoch": epoch, "train_loss": train_loss, **{k: float(v) for k, v in metrics.items()},
                                  "lr": float(self.optimizer.param_groups[0]["lr"]), "seconds": time.time() - t0})
-            log.info("%s epoch %d: loss %.4f, %s %.4f%s (%.0f s)", self.name, epoch, train_loss, s.monitor, score,
-                     " *" if improved else "", time.time() - t0)
+            log.log(logging.INFO if s.log_epochs else logging.DEBUG, "%s epoch %d: loss %.4f, %s %.4f%s (%.0f s)",
+                    self.name, epoch, train_loss, s.monitor, score, " *" if improved else "", time.time() - t0)
             self._save()
             self.dist.barrier()
             stopped = self.bad >= s.patience
