@@ -532,6 +532,9 @@ def predict(
     weights: Annotated[str, typer.Option("--weights", help="Classifier folder or name (export-ensemble writes one).")] = "ensemble",
     seg_weights: Annotated[Optional[str], typer.Option("--seg-weights", help="Lung U-Net (default: the one the classifier "
                                                                            "was trained with).")] = None,
+    explain_maps: Annotated[bool, typer.Option("--explain", help="Also write Grad-CAM heat-maps (heatmaps/NAME.png), "
+                                                                 "overlays/NAME_explain.png and per-crop probabilities "
+                                                                 "in the JSON (see `explain`).")] = False,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
     verbose: VerboseOpt = False,
@@ -573,7 +576,8 @@ def predict(
                             progress.advance(task)
                     if not images:
                         continue
-                    for f, im, p in zip(batch, images, clf.predict(images, k=kk, seed=seed, batch_size=batch_size)):
+                    for f, im, (p, ex) in zip(batch, images, _predict_maybe_explain(clf, images, kk, seed, batch_size,
+                                                                                   explain_maps)):
                         name = names[f]
                         ok = p.status == "ok"
                         od.append_row("predictions.csv", {
@@ -593,8 +597,11 @@ def predict(
                                              "weight": None if p.learner_weights is None else float(p.learner_weights[i])}
                                          for i, n in enumerate(clf.names)},
                             "crop_centres_1024": None if p.centres is None else p.centres.tolist(),
+                            **(_explanation_json(clf, p, ex) if ex is not None else {}),
                             "note": "research software, not a medical device"})
                         write_png(od.file("overlays", f"{name}.png"), overlay(im, resize(p.mask, im.shape, "nearest")))
+                        if ex is not None and ok:
+                            _write_explanation(od, name, im, ex)
                         if ok:
                             detail = f"{p.label} ({p.confidence:.2f})  " + " ".join(
                                 f"{c}={v:.2f}" for c, v in zip(clf.classes, p.probs))
@@ -613,6 +620,171 @@ def predict(
         out.print("[dim]research software: not for clinical use[/]")
         if n_ok < len(results):
             raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[Path, typer.Argument(help="A predict predictions.csv (file,name,status,label,confidence,p_<class>…).")],
+    labels: Annotated[Path, typer.Option("--labels", help="Labels CSV: label and file or image_id; patient_id, source, view, "
+                                                          "age, age_group used when present (e.g. metadata.csv).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: report.json, report.md, reliability.png, strata.png.")] = Path("eval"),
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, max=100_000, help="Bootstrap resamples (of patients when "
+                                                                                  "patient_id is given, else of images).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    overwrite: OverwriteOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Score predictions against labels: metrics with bootstrap 95 % CIs, per source / view / age group, the age confound."""
+    _setup_logging(verbose)
+    with _guard():
+        from .outputs import OutputDir
+        from .stats import build_evaluation, write_evaluation
+
+        t0 = time.perf_counter()
+        report, data, meta = build_evaluation(predictions, labels, n_resamples=bootstrap, seed=seed)
+        with OutputDir(out_dir, "evaluate", overwrite) as od:
+            od.inputs = [str(predictions), str(labels)]
+            write_evaluation(report, data, meta, od.file)
+        src, met = report["source"], report["metrics"]
+        skipped = ", ".join(f"{v} {k}" for k, v in src["skipped"].items())
+        out.print(f"evaluated {src['evaluated']} of {src['prediction_rows']} prediction rows"
+                  + (f" (skipped: {skipped})" if skipped else "") + f"; {report['patients']} patients")
+
+        def ci(m: dict[str, Any]) -> str:
+            if m["value"] is None or m["value"] != m["value"]:
+                return "undefined"
+            if m["ci_low"] != m["ci_low"]:
+                return f"{m['value']:.3f} (no CI)"
+            return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+        pos = report["positive"].lower()
+        out.print(f"macro-F1 {ci(met['macro_f1'])}, accuracy {ci(met['accuracy'])}, {pos}-vs-rest AUC "
+                  f"{ci(met[pos + '_auc'])}, ECE {ci(met['ece'])}  (95 % bootstrap CIs, {bootstrap} resamples)")
+        conf = report.get("confound") or {}
+        if conf:
+            out.print(f"within adults {pos}-vs-rest AUC {ci(conf['within_adults'])}; p_{pos} adult vs pediatric "
+                      f"(non-{pos}) AUC {ci(conf['adult_vs_pediatric_negatives'])}")
+        out.print(f"report: {out_dir / 'report.md'} ({time.perf_counter() - t0:.1f} s)")
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _predict_maybe_explain(clf: Any, images: list[Any], k: int, seed: int, batch_size: int, explain: bool,
+                           target: str | None = None) -> list[tuple[Any, Any]]:
+    """(prediction, explanation or None) per image; with ``explain`` both come from the same forward pass."""
+    if not explain:
+        return [(p, None) for p in clf.predict(images, k=k, seed=seed, batch_size=batch_size)]
+    from .explain import explain as explain_images
+
+    return [(e.prediction, e) for e in explain_images(clf, images, k=k, seed=seed, target=target, batch_size=batch_size)]
+
+
+def _explanation_json(clf: Any, p: Any, e: Any) -> dict[str, Any]:
+    """What ``--explain`` adds to the per-image JSON: the class explained, the weights used, per-crop probabilities."""
+    return {"explanation": {"class": e.target, "learner_weights": e.weights, "target_layers": e.layers,
+                            "scale": e.scale, "heatmap_max_means": "255 in heatmaps/NAME.png = this value of "
+                            "max(Σ w_i L_i, 0); maps of different images are not on one scale"},
+            "crop_probabilities": {n: {"classes": list(clf.classes), "centres_1024": e.centres[n].tolist()
+                                       if n in e.centres else None, "probs": p.crop_probs[n].round(6).tolist()}
+                                   for n in clf.names if n in p.crop_probs}}
+
+
+def _write_explanation(od: Any, name: str, image: Any, e: Any) -> None:
+    from .explain import heatmap_uint8, plot_explanation
+    from .io import write_png
+
+    write_png(od.file("heatmaps", f"{name}.png"), heatmap_uint8(e))
+    plot_explanation(image, e, od.file("overlays", f"{name}_explain.png"))
+
+
+EXPLAIN_COLUMNS = ["file", "name", "status", "error", "label", "confidence", "explained", "scale", "k", "seed"]
+
+
+@app.command()
+def explain(
+    inputs: Annotated[list[Path], typer.Argument(help="Radiograph files or folders (PNG, JPEG, DICOM, JSRT .IMG, …).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: heatmaps/, overlays/, json/, "
+                                                              "explanations.csv.")] = Path("out"),
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Class to explain (default: each image's "
+                                                                      "predicted class).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", min=1, max=2000, help="In-lung crops per image (default: the weights').")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the crop centres (the same crops as predict with this seed).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, max=64, help="Images per forward batch.")] = 1,
+    weights: Annotated[str, typer.Option("--weights", help="Classifier folder or name (export-ensemble writes one).")] = "ensemble",
+    seg_weights: Annotated[Optional[str], typer.Option("--seg-weights", help="Lung U-Net (default: the one the classifier "
+                                                                           "was trained with).")] = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Probabilistic Grad-CAM of the ensemble: OUT/heatmaps/NAME.png (8-bit, input size, 255 = the image's maximum) and OUT/overlays/NAME_explain.png."""
+    _setup_logging(verbose)
+    with _guard():
+        from ._files import write_json
+        from .errors import ConfigError, ImageReadError
+        from .io import read_image
+        from .outputs import OutputDir, unique_names
+        from .pipeline import Classifier
+        from .runtime import resolve_device
+
+        dev = resolve_device(device)
+        files = _input_files(inputs)
+        names = unique_names(files)
+        clf = Classifier.from_pretrained(weights, device=dev, segmenter=seg_weights)
+        if class_name is not None and class_name not in clf.classes:
+            raise ConfigError(f"--class {class_name!r}: the classifier's classes are {', '.join(clf.classes)}")
+        kk = clf.default_k if k is None else k
+        with OutputDir(out_dir, "explain", overwrite) as od:
+            od.inputs = [str(f) for f in files]
+            results: list[dict[str, Any]] = []
+            t0 = time.perf_counter()
+            with _progress() as progress:
+                task = progress.add_task("explaining", total=len(files))
+                for start in range(0, len(files), batch_size):
+                    batch, images = [], []
+                    for f in files[start:start + batch_size]:
+                        try:
+                            images.append(read_image(f))
+                            batch.append(f)
+                        except ImageReadError as exc:
+                            console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                            od.append_row("explanations.csv", {"file": str(f), "name": names[f], "status": "error",
+                                                               "error": exc.problem}, EXPLAIN_COLUMNS)
+                            results.append({"file": f, "status": "error", "detail": exc.problem})
+                            progress.advance(task)
+                    if not images:
+                        continue
+                    for f, im, (p, e) in zip(batch, images, _predict_maybe_explain(clf, images, kk, seed, batch_size,
+                                                                                  True, class_name)):
+                        name = names[f]
+                        ok = p.status == "ok"
+                        od.append_row("explanations.csv", {
+                            "file": str(f), "name": name, "status": p.status, "error": p.message, "label": p.label,
+                            "confidence": f"{p.confidence:.4f}" if ok else "", "explained": e.target if ok else "",
+                            "scale": f"{e.scale:.6f}" if ok else "", "k": kk, "seed": seed}, EXPLAIN_COLUMNS)
+                        write_json(od.file("json", f"{name}.json"), {
+                            "file": str(f), "status": p.status, "message": p.message, "label": p.label,
+                            "probabilities": dict(zip(clf.classes, map(float, p.probs))) if ok else None,
+                            "k": kk, "seed": seed, **_explanation_json(clf, p, e),
+                            "note": "research software, not a medical device"})
+                        if ok:
+                            _write_explanation(od, name, im, e)
+                            results.append({"file": f, "status": "ok",
+                                            "detail": f"{p.label} ({p.confidence:.2f}); map: evidence for {e.target}"})
+                        else:
+                            console.print(f"[red]✗[/] {escape(str(f))}: {escape(p.message)}", highlight=False, soft_wrap=True)
+                            results.append({"file": f, "status": p.status, "detail": p.message})
+                        progress.advance(task)
+        elapsed = time.perf_counter() - t0
+        _summary_table(results, "explain")
+        n_ok = sum(r["status"] == "ok" for r in results)
+        out.print(f"{n_ok}/{len(results)} explained in {elapsed:.1f} s (K={kk}) → heat-maps in {out_dir / 'heatmaps'}, "
+                  f"overlays in {out_dir / 'overlays'}, {out_dir / 'explanations.csv'}")
+        out.print("[dim]research software: not for clinical use[/]")
+        if n_ok < len(results):
+            raise typer.Exit(1)
+
 
 
 def main() -> None:  # pragma: no cover
