@@ -32,6 +32,8 @@ _EXPORTS = {
     "create_learner": "learners",
     "list_learners": "learners",
     "FlannelWeights": "ensemble",
+    "explain": "explain",
+    "Explanation": "explain",
     "read_image": "io",
     "as_images": "io",
     "list_images": "io",
