@@ -159,7 +159,8 @@ def segment(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: masks/, overlays/, masks.csv.")] = Path("out"),
     convention: Annotated[str, typer.Option(help="scr (SCR lungs, without the region behind the heart; what the "
                                                   "classifier samples from) or full (whole lung field, V7 style).")] = "scr",
-    weights: Annotated[str, typer.Option("--weights", help="Lung U-Net weights: a folder or a name.")] = "lung_unet",
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Lung U-Net weights: a folder or a name. Default: "
+                                                    "lung_unet_jsrt for --convention scr, lung_unet_v7 for full.")] = None,
     store: Annotated[Optional[Path], typer.Option(help="Also write images + masks at 1024² to this HDF5 store.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=256)] = 4,
     overwrite: OverwriteOpt = False,
@@ -173,11 +174,13 @@ def segment(
         from .io import read_image, resize, to_uint8, write_png
         from .outputs import OutputDir, unique_names
         from .runtime import resolve_device
-        from .segment import CONVENTIONS, WORK_SIZE, LungSegmenter, overlay
+        from .segment import CONVENTIONS, DEFAULT_SEGMENTER, FULL_SEGMENTER, WORK_SIZE, LungSegmenter, overlay
         from .store import StoreWriter
 
         if convention not in CONVENTIONS:
             raise OutputError(f"--convention {convention!r}: choose {' or '.join(CONVENTIONS)}")
+        if weights is None:
+            weights = FULL_SEGMENTER if convention == "full" else DEFAULT_SEGMENTER
         dev = resolve_device(device)
         files = _input_files(inputs)
         names = unique_names(files)
@@ -185,7 +188,8 @@ def segment(
             od.inputs = [str(f) for f in files]
             seg = LungSegmenter.from_pretrained(weights, device=dev)
             if convention not in seg.conventions:
-                raise OutputError(f"--convention {convention}: the weights {weights} produce only {', '.join(seg.conventions)}")
+                raise OutputError(f"--convention {convention}: the weights {weights} produce only "
+                                  f"{', '.join(seg.conventions)} masks (the two-convention U-Net is {FULL_SEGMENTER})")
             writer = StoreWriter(store, provenance={"command": "segment", "weights": str(weights),
                                                     "convention": convention}) if store else None
             results: list[dict[str, Any]] = []
@@ -304,7 +308,8 @@ def _print_seg_summary(summary: dict[str, Any], where: Path, prefix: str) -> Non
 @app.command("eval-seg")
 def eval_seg(
     data: Annotated[Path, typer.Option(help="A JSRT/SCR folder or a V7 folder (images/, masks/, metadata.csv).")] = Path("../shared/data/jsrt"),
-    weights: Annotated[str, typer.Option("--weights", help="Lung U-Net weights: a folder or a name.")] = "lung_unet",
+    weights: Annotated[str, typer.Option("--weights", help="Lung U-Net weights: a folder or a name "
+                                                           "(lung_unet_jsrt, lung_unet_v7, …).")] = "lung_unet_jsrt",
     split: Annotated[Optional[Path], typer.Option(help="A train-seg split.json; evaluates its test part. "
                                                        "Default: the test part saved with the weights.")] = None,
     all_images: Annotated[bool, typer.Option("--all", help="Evaluate every image found (ignores the split).")] = False,
@@ -347,7 +352,7 @@ def eval_seg(
 @app.command("export-seg")
 def export_seg(
     run_dir: Annotated[Path, typer.Argument(help="A train-seg run folder.")],
-    to: Annotated[Path, typer.Option(help="Destination weights folder, e.g. weights/lung_unet.")],
+    to: Annotated[Path, typer.Option(help="Destination weights folder, e.g. weights/lung_unet_v7.")],
     half: Annotated[bool, typer.Option("--half/--full-precision", help="Store float16 tensors (half the size).")] = False,
 ) -> None:
     """Ship a run's best lung U-Net with its split, test metrics and training data in its config."""

@@ -1129,7 +1129,7 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
             m = Learner.from_pretrained(d)
             m.info["member"] = member
             learners[name].append(m)
-    seg_ref = str((run_cfg.get("data") or {}).get("segmenter", "lung_unet"))
+    seg_ref = str((run_cfg.get("data") or {}).get("segmenter", "lung_unet_jsrt"))
     seg_path = resolve_weights(seg_ref, option="data.segmenter in the train-patch config")
     seg_file = seg_path / WEIGHTS_NAME if seg_path.is_dir() else seg_path.with_suffix(".safetensors")
     segmenter = LungSegmenter.from_pretrained(seg_path)

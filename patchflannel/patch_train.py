@@ -56,7 +56,7 @@ GLOBAL_PREFIX = "global-"
 class PatchDataConfig(Section):
     sources: list[str] = ["../shared/data/cxr"]  # metadata.csv folders, Kaggle folders, ieee8023 CSVs; jsrt:PATH adds JSRT normals
     cache: str = "runs/cache/cxr_1024.h5"  # work images + lung masks, built once with `segmenter`
-    segmenter: str = "lung_unet"
+    segmenter: str = "lung_unet_jsrt"
     exclude_findings: list[str] = []  # e.g. [pneumocystis, aspergillosis]: leave those images out
     dedup: bool = True  # merge near-identical images of different patients into one group before splitting
     train_only: list[str] = []  # sources added to every training part, never validated or tested on (e.g. jsrt:PATH)

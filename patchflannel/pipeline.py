@@ -181,7 +181,7 @@ class Classifier:
                 learners[n].append(Learner.from_pretrained(d, device))
         combiner, _ = load_combiner(root / "combiner", device)
         if not isinstance(segmenter, LungSegmenter):
-            seg_ref = segmenter or (cfg.get("segmenter") or {}).get("name", "lung_unet")
+            seg_ref = segmenter or (cfg.get("segmenter") or {}).get("name", "lung_unet_jsrt")
             seg_path = resolve_weights(seg_ref, option="--seg-weights")
             segmenter = LungSegmenter.from_pretrained(seg_path, device, option="--seg-weights")
             want = (cfg.get("segmenter") or {}).get("sha256")

@@ -45,7 +45,8 @@ __all__ = ["CONVENTIONS", "LungSegmenter", "MaskQuality", "Preprocess", "build_u
 
 WORK_SIZE = 1024  # masks are produced and judged at 1024×1024
 CONVENTIONS = ("scr", "full")
-DEFAULT_SEGMENTER = "lung_unet"
+DEFAULT_SEGMENTER = "lung_unet_jsrt"  # the scr default (see weights/README.md)
+FULL_SEGMENTER = "lung_unet_v7"  # the two-convention U-Net (scr + full)
 TASK = "lung_segmentation"
 
 
