@@ -218,3 +218,17 @@ def test_segment_writes_masks_overlays_and_quality_lines(tmp_path: Path) -> None
         ov = cv2.imread(str(out / "overlays" / f"{sample.stem}.png"))
         assert ov.shape[:2] == img.shape
     assert "2/2 segmented" in plain(res.stdout)
+
+
+def test_segment_full_convention_uses_the_two_convention_unet(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["segment", str(SAMPLES / "kcx-IM-0117-0001.jpg"), "--out", str(tmp_path / "o"),
+                              "--convention", "full"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((tmp_path / "o" / "masks.csv").open()))
+    assert [r["convention"] for r in rows] == ["full"] and rows[0]["status"] == "ok"
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    # the v0.1 U-Net has no full output: a clear refusal naming the one that has
+    res = runner.invoke(app, ["segment", str(SAMPLES / "kcx-IM-0117-0001.jpg"), "--out", str(tmp_path / "o2"),
+                              "--convention", "full", "--weights", "lung_unet_jsrt"])
+    assert res.exit_code == 2 and "lung_unet_v7" in plain(res.output + (res.stderr or ""))
