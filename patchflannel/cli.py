@@ -478,8 +478,13 @@ def ensemble(
     verbose: VerboseOpt = False,
 ) -> None:
     """Train FLANNEL on out-of-fold learner distributions, with every baseline, and evaluate on the held-out test part."""
-    _setup_logging(verbose)
     with _guard():
+        # The combiners are seconds-long full-batch fits: under torchrun, rank 0 does the work and
+        # writes the report while the other ranks wait (nothing is written twice).
+        dist = _dist_and_logging(device, verbose)
+        if not dist.is_main:
+            dist.barrier()
+            return
         from .config import load_config
         from .ensemble_run import EnsembleConfig, run_ensemble
         from .errors import DataError
@@ -500,6 +505,7 @@ def ensemble(
             out.print(f"calibration (temperature {cal['temperature']:.3f}, fitted out of fold): test ECE "
                       f"{cal['test_ece_raw']:.3f} → {cal['test_ece_calibrated']:.3f}")
         out.print(f"ensemble folder: {out_dir}; ship it with `patchflannel export-ensemble {out_dir} --to DIR`")
+        dist.barrier()
 
 
 @app.command("export-ensemble")

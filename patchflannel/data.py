@@ -367,6 +367,11 @@ def inner_validation(train_idx: Sequence[int], labels: np.ndarray, groups: Seque
     train_idx = np.asarray(train_idx)
     g = np.asarray(groups)[train_idx]
     k = max(2, int(round(1 / frac)))
+    present = np.bincount(np.asarray(labels)[train_idx])
+    smallest = int(present[present > 0].min()) if present.any() else 0
+    if smallest < k:
+        raise DataError(f"too few images per class for a validation part of {frac:g}: the smallest class has "
+                        f"{smallest} images in this training part, {k} are needed; add data or raise split.val_frac")
     tr, va = next(iter(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(train_idx, labels[train_idx], g)))
     return sorted(train_idx[tr].tolist()), sorted(train_idx[va].tolist())
 
