@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchflannel._files import write_json, write_text
+from patchflannel._files import write_csv, write_json
 from patchflannel.io import read_image
 from patchflannel.pipeline import prepare
 from patchflannel.segment import LungSegmenter
@@ -62,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if (i + 1) % 100 == 0:
             print(f"{i + 1}/{len(rows)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    cols = list(out_rows[0])
-    lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in out_rows]
-    write_text(args.out / "mask_change.csv", "\n".join(lines) + "\n")
+    write_csv(args.out / "mask_change.csv", out_rows)
     ch = np.array([r["changed_share"] for r in out_rows])
     adult = np.array([r["adult"] for r in out_rows], bool)
     summary = {"old": args.old, "new": args.new, "n": len(out_rows), "threshold": args.threshold,
