@@ -498,6 +498,8 @@ def ensemble(
             res = run_ensemble(cfg, [r.resolve() for r in runs], out_dir, device=resolve_device(device),
                                track=_tracker(progress))
         out.print((out_dir / "table.md").read_text(encoding="utf-8"))
+        if (out_dir / "table_shipped.md").exists():
+            out.print((out_dir / "table_shipped.md").read_text(encoding="utf-8"))
         if (out_dir / "claims.md").exists():
             out.print((out_dir / "claims.md").read_text(encoding="utf-8"))
         cal = res.get("calibration") or {}

@@ -13,6 +13,7 @@ Output folder written by :func:`run_ensemble`::
     OUT/config.yaml              resolved config (defaults filled in, run folders)
     OUT/split.json               ensemble-train / validation ids (grouped by patient)
     OUT/table.md                 mean (std) over F fold models × S seeds on the test set
+    OUT/table_shipped.md         the shipped configuration (mean of fold models) with bootstrap CIs and paired tests
     OUT/results.json             every number: per-row summaries and per-evaluation reports
     OUT/results.csv              one line per row × metric: mean, std, n
     OUT/claims.md                automatically computed statements (FLANNEL vs baselines, source confound)
@@ -760,6 +761,48 @@ def _claims_md(res: dict[str, Any], row_fl: str, best: str, best_test: str, covi
 # --------------------------------------------------------------------------- writing helpers
 
 
+def _shipped_ci(out: Path, results: dict[str, Any], ev: _Evaluation, test: Votes, classes: list[str], seed: int,
+                n_resamples: int = 2000) -> dict[str, Any]:
+    """The configuration ``predict`` ships — each row fed the *mean of the fold models'* distributions,
+    first seed (what ``export-ensemble --members folds`` writes) — with 95 % bootstrap CIs over the
+    test images (patients resampled), and paired bootstraps FLANNEL − soft voting and FLANNEL − best
+    single learner (best on out-of-fold votes). Writes ``OUT/table_shipped.md``."""
+    from .stats import EvalData, bootstrap_metrics, paired_bootstrap
+
+    names = {r["key"]: r["name"] for r in results["rows"]}
+    data = {k: EvalData(y=test.y, probs=np.asarray(p, dtype=np.float64), classes=tuple(classes), clusters=test.patients)
+            for k, p in ev.mean_proba.items()}
+    rows = {k: bootstrap_metrics(d, n_resamples, seed) for k, d in data.items()}
+    best = results["claims"]["best_single_key"]
+    paired = {f"flannel_focal - {other}": paired_bootstrap(data["flannel_focal"], data[other], ["macro_f1", "accuracy"],
+                                                           n_resamples, seed)
+              for other in ("soft_voting", best) if other in data}
+    pos = next((k for k in next(iter(rows.values())) if k.endswith("_auc")), None)
+
+    def ci(m: dict[str, Any]) -> str:
+        return "–" if not np.isfinite(m["value"]) else f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+    lines = ["# The shipped configuration, with 95 % bootstrap CIs", "",
+             f"Each row as `predict` runs it: fed the mean of the fold models' distributions (first seed). "
+             f"{len(test.y)} held-out test images of {len(set(test.patients.tolist()))} patients; "
+             f"{n_resamples} bootstrap resamples of patients (seed {seed}). **FLANNEL (focal) is what ships.**", "",
+             f"| row | macro-F1 | accuracy | {pos or 'AUC'} | ECE |", "|---|---|---|---|---|"]
+    for k, m in sorted(rows.items(), key=lambda kv: kv[0] != "flannel_focal"):
+        label = f"**{names.get(k, k)}** (shipped)" if k == "flannel_focal" else names.get(k, k)
+        lines.append(f"| {label} | {ci(m['macro_f1'])} | {ci(m['accuracy'])} | {ci(m[pos]) if pos else '–'} | {ci(m['ece'])} |")
+    lines += ["", "Paired differences (same images, same resamples):", "", "| difference | macro-F1 | p | accuracy | p |",
+              "|---|---|---|---|---|"]
+    for name, d in paired.items():
+        a, b = name.split(" - ")
+        mf, ac = d["macro_f1"], d["accuracy"]
+        lines.append(f"| {names.get(a, a)} − {names.get(b, b)} | {mf['diff']:+.3f} [{mf['ci_low']:+.3f}, {mf['ci_high']:+.3f}] "
+                     f"| {mf['p']:.3f} | {ac['diff']:+.3f} [{ac['ci_low']:+.3f}, {ac['ci_high']:+.3f}] | {ac['p']:.3f} |")
+    lines += ["", "A difference whose interval contains 0 is not a demonstrated improvement."]
+    write_text(out / "table_shipped.md", "\n".join(lines) + "\n")
+    return {"rows": rows, "paired": paired, "n_resamples": n_resamples, "seed": seed,
+            "what": "mean of fold models, first seed; patients resampled"}
+
+
 def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> dict[str, Any]:
     """Temperature for the shipped FLANNEL (first seed) fitted on the ensemble-validation part of the
     out-of-fold votes (never on test); ECE/Brier on the test votes (mean of fold models) before and after."""
@@ -853,6 +896,7 @@ def run_ensemble(
 
     results = _results(cfg, lset, oof, test, tr, va, alpha, rows, ev, covid, warnings)
     results["calibration"] = _calibrate(out, next(r for r in rows if r.key == "flannel_focal"), oof, test, va)
+    results["shipped_configuration"] = _shipped_ci(out, results, ev, test, lset.classes, cfg["seed"])
     _write_outputs(out, results, lset, test, rows, ev)
     f1 = {r["key"]: r["summary"]["macro_f1"] for r in results["rows"]}
     logger.info("ensemble: FLANNEL (focal) macro-F1 %.3f ± %.3f (best single %s %.3f, soft voting %.3f); wrote %s",

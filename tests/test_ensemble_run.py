@@ -534,3 +534,21 @@ def test_classifier_folder_with_unsafe_learner_name_is_refused(exported: Path, s
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(WeightsError, match="not a safe file name"):
         Classifier.from_pretrained(dest, segmenter=str(segmenter_dir))
+
+
+def test_shipped_configuration_has_bootstrap_cis(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
+    """The row predict ships (FLANNEL on the mean of fold models) is reported with patient-level
+    bootstrap CIs recomputable from predictions_test.npz, and paired against soft voting."""
+    from sklearn.metrics import f1_score
+
+    _, out, results = ran
+    ship = results["shipped_configuration"]
+    pred = np.load(out / "predictions_test.npz")
+    m = ship["rows"]["flannel_focal"]["macro_f1"]
+    assert m["value"] == pytest.approx(f1_score(pred["y"], pred["proba_flannel_focal"].argmax(1), average="macro"), abs=1e-9)
+    assert m["ci_low"] <= m["value"] <= m["ci_high"] and m["ci_high"] - m["ci_low"] > 0
+    d = ship["paired"]["flannel_focal - soft_voting"]["macro_f1"]
+    assert d["diff"] == pytest.approx(m["value"] - ship["rows"]["soft_voting"]["macro_f1"]["value"], abs=1e-12)
+    assert 0 <= d["p"] <= 1
+    text = (out / "table_shipped.md").read_text()
+    assert "(shipped)" in text and f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" in text
