@@ -767,7 +767,7 @@ def _shipped_ci(out: Path, results: dict[str, Any], ev: _Evaluation, test: Votes
     first seed (what ``export-ensemble --members folds`` writes) — with 95 % bootstrap CIs over the
     test images (patients resampled), and paired bootstraps FLANNEL − soft voting and FLANNEL − best
     single learner (best on out-of-fold votes). Writes ``OUT/table_shipped.md``."""
-    from .stats import EvalData, bootstrap_metrics, paired_bootstrap
+    from .stats import EvalData, bootstrap_metrics, confound_report, paired_bootstrap, sample_age_group, stratified_report
 
     names = {r["key"]: r["name"] for r in results["rows"]}
     data = {k: EvalData(y=test.y, probs=np.asarray(p, dtype=np.float64), classes=tuple(classes), clusters=test.patients)
@@ -780,7 +780,11 @@ def _shipped_ci(out: Path, results: dict[str, Any], ev: _Evaluation, test: Votes
     pos = next((k for k in next(iter(rows.values())) if k.endswith("_auc")), None)
 
     def ci(m: dict[str, Any]) -> str:
-        return "–" if not np.isfinite(m["value"]) else f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+        if not np.isfinite(m["value"]):
+            return "–"
+        if not (np.isfinite(m["ci_low"]) and np.isfinite(m["ci_high"])):
+            return f"{m['value']:.3f} (too few for a CI)"
+        return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
     lines = ["# The shipped configuration, with 95 % bootstrap CIs", "",
              f"Each row as `predict` runs it: fed the mean of the fold models' distributions (first seed). "
@@ -798,9 +802,30 @@ def _shipped_ci(out: Path, results: dict[str, Any], ev: _Evaluation, test: Votes
         lines.append(f"| {names.get(a, a)} − {names.get(b, b)} | {mf['diff']:+.3f} [{mf['ci_low']:+.3f}, {mf['ci_high']:+.3f}] "
                      f"| {mf['p']:.3f} | {ac['diff']:+.3f} [{ac['ci_low']:+.3f}, {ac['ci_high']:+.3f}] | {ac['p']:.3f} |")
     lines += ["", "A difference whose interval contains 0 is not a demonstrated improvement."]
+    # The confound, measured on the shipped row: per source and age group, within-adult AUC.
+    ages = [sample_age_group(patient_id=p, source=src) for p, src in zip(test.patients.tolist(), test.sources.tolist())]
+    fl = data["flannel_focal"]
+    strata = stratified_report(fl, {"source": test.sources.tolist(), "age_group": ages}, n_resamples, seed)
+    confound = confound_report(fl, ages, n_resamples, seed)
+    lines += ["", "## FLANNEL (focal), shipped: per source and age group", "",
+              f"| group | stratum | n | patients | macro-F1 | accuracy | mean p_{pos.split('_')[0] if pos else 'pos'} |",
+              "|---|---|---:|---:|---|---|---:|"]
+    for g, srows in strata.items():
+        for r in srows:
+            mean_p = next((v for k, v in r.items() if k.startswith("mean_p_")), float("nan"))
+            lines.append(f"| {g} | {r['stratum']} | {r['n']} | {r['patients']} | {ci(r['metrics']['macro_f1'])} | "
+                         f"{ci(r['metrics']['accuracy'])} | {mean_p:.3f} |")
+    wa, av = confound["within_adults"], confound["adult_vs_pediatric_negatives"]
+
+    def auc(a: dict[str, Any]) -> str:
+        return a.get("note") or f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] (n = {a['n']})"
+
+    lines += ["", f"- Within-adult {pos or 'AUC'} (does the score separate the disease when age cannot help?): {auc(wa)}",
+              f"- p_covid separating adult from pediatric images without the disease (0.5 = the score ignores "
+              f"age/source): {auc(av)}"]
     write_text(out / "table_shipped.md", "\n".join(lines) + "\n")
-    return {"rows": rows, "paired": paired, "n_resamples": n_resamples, "seed": seed,
-            "what": "mean of fold models, first seed; patients resampled"}
+    return {"rows": rows, "paired": paired, "strata": strata, "confound": confound, "n_resamples": n_resamples,
+            "seed": seed, "what": "mean of fold models, first seed; patients resampled"}
 
 
 def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> dict[str, Any]:

@@ -552,3 +552,5 @@ def test_shipped_configuration_has_bootstrap_cis(ran: tuple[list[Path], Path, di
     assert 0 <= d["p"] <= 1
     text = (out / "table_shipped.md").read_text()
     assert "(shipped)" in text and f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" in text
+    assert "Within-adult" in text and "per source and age group" in text
+    assert set(ship["strata"]) == {"source", "age_group"} and "within_adults" in ship["confound"]
