@@ -28,7 +28,7 @@ from patchflannel.data import (
 from patchflannel.errors import ConfigError, DataError, ResumeError
 from patchflannel.patch_train import PatchTrainConfig
 
-SEG = "lung_unet_jsrt"  # the shipped legacy U-Net (weights/lung_unet may not exist yet)
+SEG = "lung_unet_jsrt"  # the shipped scr U-Net the classifier uses
 LEARNER = "mobilenet_v3_small"
 
 
@@ -276,3 +276,28 @@ def test_train_patch_run_end_to_end_and_rerun_reuses_folds(tiny: dict, tmp_path:
     with pytest.raises(ResumeError, match="another config"):
         train_patch_run(other, data, run)
     assert os.path.getsize(ldir / "oof.npz") > 0
+
+
+@pytest.mark.data
+def test_predict_builds_the_training_inputs_bit_for_bit(tiny: dict) -> None:
+    """What a learner was trained and voted on (the cache: work image, mask, crops) is exactly what
+    `predict` builds from the same file: same work image and mask, same crop seeds, same crops."""
+    import torch
+
+    from patchflannel.io import read_image
+    from patchflannel.learners import InputSpec, make_inputs
+    from patchflannel.pipeline import image_seed, prepare
+    from patchflannel.segment import LungSegmenter
+
+    data = load_cache(tiny["cache"], tiny["records"], tiny["sha"])
+    seg = LungSegmenter.from_pretrained(SEG)
+    spec = InputSpec("patch", 224, 112, mask_outside=True)
+    for i in (0, 17, 33):
+        rec = tiny["records"][i]
+        prep = prepare([read_image(rec.file)], seg)
+        assert torch.equal(prep.work[0], data.images[i]) and torch.equal(prep.masks[0], data.masks[i])
+        seed = image_seed(prep.work[0, 0].numpy(), 0)
+        assert seed == image_seed(data.images[i, 0].numpy(), 0)
+        x_pred, c_pred, _ = make_inputs(prep.work, prep.masks, spec, 16, seeds=[seed])
+        x_train, c_train, _ = make_inputs(data.images[i:i + 1], data.masks[i:i + 1], spec, 16, seeds=[seed])
+        assert torch.equal(c_pred, c_train) and torch.equal(x_pred, x_train)
