@@ -88,6 +88,9 @@ def classifier_section(name: str, cfg: dict[str, Any]) -> str:
              "COVID-vs-rest scores mostly measure age/source (see `docs/results.md`). Not for clinical use."]
     if tr.get("note"):
         lines.append(f"- Note: {tr['note']}.")
+    if tr.get("calibration"):
+        cal = cfg.get("calibration") or {}
+        lines.append(f"- Calibration: temperature {cal.get('temperature', 1.0):.3f}; {tr['calibration']}.")
     if "test_macro_f1_v01" in tr:
         lines.append(f"- Held-out test macro-F1 of this model in v0.1 (127 images of the 630): {_fmt(tr['test_macro_f1_v01'], 3)}.")
     return "\n".join(lines) + "\n"
