@@ -132,6 +132,26 @@ def _input_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
+def _read_batch(files: list[Path], od: Any, csv_name: str, columns: list[str], names: dict[Path, str],
+                results: list[dict[str, Any]], advance: Callable[[], None]) -> tuple[list[Path], list[Any]]:
+    """Read a batch of inputs for segment/predict/explain: each unreadable file gets its one-line message,
+    its ``status=error`` row in ``csv_name`` and its summary entry; the readable ones are returned."""
+    from .errors import ImageReadError
+    from .io import read_image
+
+    batch, images = [], []
+    for f in files:
+        try:
+            images.append(read_image(f))
+            batch.append(f)
+        except ImageReadError as exc:
+            console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            od.append_row(csv_name, {"file": str(f), "name": names[f], "status": "error", "error": exc.problem}, columns)
+            results.append({"file": f, "status": "error", "detail": exc.problem})
+            advance()
+    return batch, images
+
+
 def _summary_table(results: list[dict[str, Any]], title: str, limit: int = 40) -> None:
     n_ok = sum(r["status"] == "ok" for r in results)
     table = Table(title=f"{title}: {n_ok} ok, {len(results) - n_ok} failed", show_lines=False)
@@ -170,8 +190,8 @@ def segment(
     """Lung masks: OUT/masks/NAME.png (255 = lung, input size), OUT/overlays/NAME.png and a quality line per image in OUT/masks.csv."""
     _setup_logging(verbose)
     with _guard():
-        from .errors import ImageReadError, OutputError
-        from .io import read_image, resize, to_uint8, write_png
+        from .errors import OutputError
+        from .io import resize, to_uint8, write_png
         from .outputs import OutputDir, unique_names
         from .runtime import resolve_device
         from .segment import CONVENTIONS, DEFAULT_SEGMENTER, FULL_SEGMENTER, WORK_SIZE, LungSegmenter, overlay
@@ -198,17 +218,8 @@ def segment(
                 with _progress() as progress:
                     task = progress.add_task("segmenting", total=len(files))
                     for start in range(0, len(files), batch_size):
-                        batch, images = [], []
-                        for f in files[start:start + batch_size]:
-                            try:
-                                images.append(read_image(f))
-                                batch.append(f)
-                            except ImageReadError as exc:
-                                console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-                                od.append_row("masks.csv", {"file": str(f), "name": names[f], "status": "error",
-                                                            "error": exc.problem}, SEG_COLUMNS)
-                                results.append({"file": f, "status": "error", "detail": exc.problem})
-                                progress.advance(task)
+                        batch, images = _read_batch(files[start:start + batch_size], od, "masks.csv", SEG_COLUMNS, names,
+                                                    results, lambda: progress.advance(task))
                         if not images:
                             continue
                         for f, im, res in zip(batch, images, seg.segment(images, convention, batch_size)):
@@ -556,8 +567,7 @@ def predict(
     _setup_logging(verbose)
     with _guard():
         from ._files import write_json
-        from .errors import ImageReadError
-        from .io import read_image, resize, write_png
+        from .io import resize, write_png
         from .outputs import OutputDir, unique_names
         from .pipeline import Classifier
         from .runtime import resolve_device
@@ -576,17 +586,8 @@ def predict(
             with _progress() as progress:
                 task = progress.add_task("predicting", total=len(files))
                 for start in range(0, len(files), batch_size):
-                    batch, images = [], []
-                    for f in files[start:start + batch_size]:
-                        try:
-                            images.append(read_image(f))
-                            batch.append(f)
-                        except ImageReadError as exc:
-                            console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-                            od.append_row("predictions.csv", {"file": str(f), "name": names[f], "status": "error",
-                                                              "error": exc.problem}, cols)
-                            results.append({"file": f, "status": "error", "detail": exc.problem})
-                            progress.advance(task)
+                    batch, images = _read_batch(files[start:start + batch_size], od, "predictions.csv", cols, names,
+                                                results, lambda: progress.advance(task))
                     if not images:
                         continue
                     for f, im, (p, ex) in zip(batch, images, _predict_maybe_explain(clf, images, kk, seed, batch_size,
@@ -735,8 +736,7 @@ def explain(
     _setup_logging(verbose)
     with _guard():
         from ._files import write_json
-        from .errors import ConfigError, ImageReadError
-        from .io import read_image
+        from .errors import ConfigError
         from .outputs import OutputDir, unique_names
         from .pipeline import Classifier
         from .runtime import resolve_device
@@ -755,17 +755,8 @@ def explain(
             with _progress() as progress:
                 task = progress.add_task("explaining", total=len(files))
                 for start in range(0, len(files), batch_size):
-                    batch, images = [], []
-                    for f in files[start:start + batch_size]:
-                        try:
-                            images.append(read_image(f))
-                            batch.append(f)
-                        except ImageReadError as exc:
-                            console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-                            od.append_row("explanations.csv", {"file": str(f), "name": names[f], "status": "error",
-                                                               "error": exc.problem}, EXPLAIN_COLUMNS)
-                            results.append({"file": f, "status": "error", "detail": exc.problem})
-                            progress.advance(task)
+                    batch, images = _read_batch(files[start:start + batch_size], od, "explanations.csv", EXPLAIN_COLUMNS, names,
+                                                results, lambda: progress.advance(task))
                     if not images:
                         continue
                     for f, im, (p, e) in zip(batch, images, _predict_maybe_explain(clf, images, kk, seed, batch_size,
