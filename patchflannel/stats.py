@@ -393,17 +393,9 @@ def confound_report(d: EvalData, age_groups: Sequence[str], n_resamples: int = D
 
 def reliability_bins(d: EvalData, bins: int = ECE_BINS) -> dict[str, list[float]]:
     """Per confidence bin: mean confidence, accuracy and count (top label) — the reliability diagram."""
-    conf = d.probs.max(axis=1)
-    correct = d.probs.argmax(axis=1) == d.y
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    out: dict[str, list[float]] = {"edges": edges.tolist(), "confidence": [], "accuracy": [], "count": []}
-    for b in range(bins):
-        sel = which == b
-        out["confidence"].append(float(conf[sel].mean()) if sel.any() else math.nan)
-        out["accuracy"].append(float(correct[sel].mean()) if sel.any() else math.nan)
-        out["count"].append(int(sel.sum()))
-    return out
+    from .calibrate import reliability
+
+    return reliability(d.probs, d.y, bins)
 
 
 def evaluation_report(d: EvalData, strata: Mapping[str, Sequence[str]] | None = None,

@@ -45,3 +45,11 @@ def cxr_dir(shared_data: Path) -> Path:
     if not (p / "metadata.csv").is_file():
         pytest.skip(f"CXR data not found at {p}")
     return p
+
+
+@pytest.fixture(scope="session")
+def v7_dir(shared_data: Path) -> Path:
+    p = shared_data / "v7"
+    if not (p / "metadata.csv").is_file():
+        pytest.skip(f"V7 data not found at {p}")
+    return p

@@ -57,14 +57,6 @@ def _one_thread(single_thread: None) -> None:
     """Small convolutions on 2 cores shared with other jobs: one thread is several times faster."""
 
 
-@pytest.fixture(scope="session")
-def v7_dir(shared_data: Path) -> Path:
-    p = shared_data / "v7"
-    if not (p / "metadata.csv").is_file():
-        pytest.skip(f"V7 data not found at {p}")
-    return p
-
-
 @pytest.fixture(scope="module")
 def legacy_seg() -> LungSegmenter:
     if not LEGACY.with_suffix(".safetensors").is_file():
