@@ -339,6 +339,7 @@ class Votes:
     patients: np.ndarray
     sources: np.ndarray
     P: np.ndarray = field(repr=False)
+    views: np.ndarray | None = None  # radiographic view per image (PA, AP, AP Supine, …) when the vote files record it
 
 
 def _is_global(name: str) -> bool:
@@ -489,9 +490,11 @@ def load_votes(
     lset = LearnerSet(names=names, classes=ref["classes"], distribution=distribution, k=ks,
                       folders={n: available[n] for n in names})
     oof_votes = Votes(ids=o["ids"].astype(str), y=o["y"].astype(np.int64), patients=o["patients"].astype(str),
-                      sources=o["sources"].astype(str), P=np.stack(P_oof, axis=1))
+                      sources=o["sources"].astype(str), P=np.stack(P_oof, axis=1),
+                      views=o["views"].astype(str) if "views" in o else None)
     test_votes = Votes(ids=t["ids"].astype(str), y=t["y"].astype(np.int64), patients=t["patients"].astype(str),
-                       sources=t["sources"].astype(str), P=np.stack(P_test, axis=2))
+                       sources=t["sources"].astype(str), P=np.stack(P_test, axis=2),
+                       views=t["views"].astype(str) if "views" in t else None)
     logger.info("ensemble: %d learners (%s), %d out-of-fold and %d test images, %d fold models, %s votes",
                 len(names), ", ".join(names), len(oof_votes.ids), len(test_votes.ids), ref["F"], distribution)
     return lset, oof_votes, test_votes
@@ -805,9 +808,12 @@ def _shipped_ci(out: Path, results: dict[str, Any], ev: _Evaluation, test: Votes
     # The confound, measured on the shipped row: per source and age group, within-adult AUC.
     ages = [sample_age_group(patient_id=p, source=src) for p, src in zip(test.patients.tolist(), test.sources.tolist())]
     fl = data["flannel_focal"]
-    strata = stratified_report(fl, {"source": test.sources.tolist(), "age_group": ages}, n_resamples, seed)
+    groups = {"source": test.sources.tolist(), "age_group": ages}
+    if test.views is not None:  # the view is a second shortcut (e.g. AP Supine ≈ COVID in the public data)
+        groups["view"] = [v or "unknown" for v in test.views.tolist()]
+    strata = stratified_report(fl, groups, n_resamples, seed)
     confound = confound_report(fl, ages, n_resamples, seed)
-    lines += ["", "## FLANNEL (focal), shipped: per source and age group", "",
+    lines += ["", f"## FLANNEL (focal), shipped: per {', '.join(g.replace('_', ' ') for g in groups)}", "",
               f"| group | stratum | n | patients | macro-F1 | accuracy | mean p_{pos.split('_')[0] if pos else 'pos'} |",
               "|---|---|---:|---:|---|---|---:|"]
     for g, srows in strata.items():

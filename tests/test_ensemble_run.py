@@ -65,7 +65,7 @@ def _images(rng: np.random.Generator, n: int, prefix: str) -> dict[str, np.ndarr
             "patients": np.array([f"{prefix}p{i // 2}" for i in range(n)]), "sources": sources,
             "groups": np.array([f"{prefix}p{i // 2}" for i in range(n)]),
             "age_groups": np.where(sources == PEDIATRIC, "child", "adult"),
-            "views": np.array(["PA"] * n), "findings": np.array([CLASSES[c] for c in y])}
+            "views": np.where(np.arange(n) % 3 == 0, "AP", "PA"), "findings": np.array([CLASSES[c] for c in y])}
 
 
 def _decide(rng: np.random.Generator, y: np.ndarray, kind: str) -> np.ndarray:
@@ -552,5 +552,7 @@ def test_shipped_configuration_has_bootstrap_cis(ran: tuple[list[Path], Path, di
     assert 0 <= d["p"] <= 1
     text = (out / "table_shipped.md").read_text()
     assert "(shipped)" in text and f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" in text
-    assert "Within-adult" in text and "per source and age group" in text
-    assert set(ship["strata"]) == {"source", "age_group"} and "within_adults" in ship["confound"]
+    assert "Within-adult" in text and "per source, age group, view" in text
+    assert set(ship["strata"]) == {"source", "age_group", "view"} and "within_adults" in ship["confound"]
+    views = np.load(next(out.parent.rglob("test.npz")))["views"]  # the view strata are the test images' views
+    assert sorted(r["stratum"] for r in ship["strata"]["view"]) == sorted({v or "unknown" for v in views.astype(str)})
