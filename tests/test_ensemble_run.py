@@ -25,6 +25,7 @@ from patchflannel.ensemble_run import (
     export_classifier,
     load_flannel,
     load_votes,
+    paired_verdict,
     resolve_config,
     run_ensemble,
     source_confound,
@@ -310,6 +311,24 @@ def test_claims_and_confound(ran: tuple[list[Path], Path, dict[str, Any]]) -> No
     assert adult["n"] == expected and 0 <= adult["predicted_covid"] <= adult["n"]
     assert conf["pediatric_non_covid"]["n"] == int((test["sources"] == PEDIATRIC).sum())
     assert ("too few" in conf["verdict"]) == (expected < 10)
+
+
+def test_claims_wording_follows_the_paired_tests(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
+    _, out, results = ran
+    claims = (out / "claims.md").read_text()
+    assert "paired bootstrap" in claims
+    for pair, d in results["shipped_configuration"]["paired"].items():
+        m = d["macro_f1"]
+        verdict = paired_verdict(m)
+        assert verdict.startswith("yes") == (m["ci_low"] > 0) and verdict.startswith("no:") == (m["ci_high"] < 0)
+        assert f"{m['diff']:+.3f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]" in claims and verdict in claims
+
+
+def test_paired_verdict_rules() -> None:
+    assert paired_verdict({"ci_low": 0.01, "ci_high": 0.2}).startswith("yes")
+    assert paired_verdict({"ci_low": -0.2, "ci_high": -0.001}).startswith("no:")
+    assert paired_verdict({"ci_low": -0.01, "ci_high": 0.1}).startswith("not demonstrated")
+    assert paired_verdict({"ci_low": float("nan"), "ci_high": 0.1}).startswith("undefined")
 
 
 def test_source_confound_rules() -> None:
