@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -543,16 +544,22 @@ def export_ensemble(
 
 def _predict_columns(classes: tuple[str, ...]) -> list[str]:
     return ["file", "name", "status", "error", "label", "confidence", *[f"p_{c}" for c in classes], "lung_fraction",
-            "mask_suspicious", "k", "seed"]
+            "mask_suspicious", "k", "k_max", "path", "seed"]
 
 
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Radiograph files or folders (PNG, JPEG, DICOM, JSRT .IMG, …).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: predictions.csv, json/, overlays/.")] = Path("out"),
-    k: Annotated[Optional[int], typer.Option("--k", min=1, max=2000, help="In-lung crops per image (default: the weights').")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", min=1, max=2000, help="In-lung crops per image (default: the weights'); "
+                                                                      "the fast path stops early once more crops would "
+                                                                      "not change the answer.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the crop centres (each image's crops also depend on its content only).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, max=64, help="Images per forward batch (1 measured fastest on 2 CPU cores).")] = 1,
+    exact: Annotated[bool, typer.Option("--exact", help="The reference path: PyTorch models, all K crops of every image "
+                                                        "(about 5× slower on a CPU; see docs/results.md §6).")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="What runs the learners on the fast path: auto (ONNX Runtime "
+                                                           "on the CPU when installed), onnx or torch.")] = "auto",
     weights: Annotated[str, typer.Option("--weights", help="Classifier folder or name (export-ensemble writes one).")] = "ensemble",
     seg_weights: Annotated[Optional[str], typer.Option("--seg-weights", help="Lung U-Net (default: the one the classifier "
                                                                            "was trained with).")] = None,
@@ -565,6 +572,9 @@ def predict(
 ) -> None:
     """Whole pipeline: lung mask → K in-lung crops → learners → FLANNEL → calibrated probabilities per image."""
     _setup_logging(verbose)
+    # PyTorch's idle OpenMP threads must sleep, not spin, while ONNX Runtime's sessions use the cores
+    # (measured 10 % faster on the fast path, no slower on --exact). Read when torch loads: set it first.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with _guard():
         from ._files import write_json
         from .io import resize, write_png
@@ -574,11 +584,16 @@ def predict(
         from .segment import overlay
 
         dev = resolve_device(device)  # before the output folder is created: a bad --device leaves nothing behind
+        from .backend import BACKENDS
+        from .errors import ConfigError
+
+        if backend not in BACKENDS:
+            raise ConfigError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         files = _input_files(inputs)
         names = unique_names(files)
         with OutputDir(out_dir, "predict", overwrite) as od:
             od.inputs = [str(f) for f in files]
-            clf = Classifier.from_pretrained(weights, device=dev, segmenter=seg_weights)
+            clf = Classifier.from_pretrained(weights, device=dev, segmenter=seg_weights, backend=backend)
             cols = _predict_columns(clf.classes)
             kk = clf.default_k if k is None else k
             results: list[dict[str, Any]] = []
@@ -591,7 +606,7 @@ def predict(
                     if not images:
                         continue
                     for f, im, (p, ex) in zip(batch, images, _predict_maybe_explain(clf, images, kk, seed, batch_size,
-                                                                                   explain_maps)):
+                                                                                   explain_maps, exact=exact)):
                         name = names[f]
                         ok = p.status == "ok"
                         od.append_row("predictions.csv", {
@@ -599,12 +614,13 @@ def predict(
                             "label": p.label, "confidence": f"{p.confidence:.4f}" if ok else "",
                             **{f"p_{c}": f"{v:.6f}" if ok else "" for c, v in zip(clf.classes, p.probs)},
                             "lung_fraction": f"{p.quality.lung_fraction:.4f}", "mask_suspicious": int(p.quality.suspicious),
-                            "k": kk, "seed": seed}, cols)
+                            "k": p.k, "k_max": kk, "path": p.path, "seed": seed}, cols)
                         write_json(od.file("json", f"{name}.json"), {
                             "file": str(f), "status": p.status, "message": p.message, "label": p.label,
                             "probabilities": dict(zip(clf.classes, map(float, p.probs))) if ok else None,
                             "probabilities_uncalibrated": dict(zip(clf.classes, map(float, p.raw_probs))) if ok else None,
-                            "calibration": clf.calibrator.to_dict(), "k": kk, "seed": seed,
+                            "calibration": clf.calibrator.to_dict(), "k": p.k, "k_max": kk, "path": p.path,
+                            "backend": p.backend, "seed": seed,
                             "mask": {"lung_fraction": p.quality.lung_fraction, "suspicious": p.quality.suspicious,
                                      "reason": p.quality.reason},
                             "learners": {n: {"distribution": dict(zip(clf.classes, map(float, p.learner_probs[i]))),
@@ -629,7 +645,8 @@ def predict(
         elapsed = time.perf_counter() - t0
         _summary_table(results, "predict")
         n_ok = sum(r["status"] == "ok" for r in results)
-        out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K={kk}) → {out_dir / 'predictions.csv'}, "
+        path = "exact" if exact or explain_maps else f"fast, {clf.backend_used()}"
+        out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K≤{kk}, {path} path) → {out_dir / 'predictions.csv'}, "
                   f"per-image JSON in {out_dir / 'json'}, overlays in {out_dir / 'overlays'}")
         out.print("[dim]research software: not for clinical use[/]")
         if n_ok < len(results):
@@ -685,10 +702,11 @@ def evaluate(
 
 
 def _predict_maybe_explain(clf: Any, images: list[Any], k: int, seed: int, batch_size: int, explain: bool,
-                           target: str | None = None) -> list[tuple[Any, Any]]:
-    """(prediction, explanation or None) per image; with ``explain`` both come from the same forward pass."""
+                           target: str | None = None, exact: bool = False) -> list[tuple[Any, Any]]:
+    """(prediction, explanation or None) per image; with ``explain`` both come from the same forward pass
+    (the exact path: Grad-CAM needs the PyTorch models and every crop)."""
     if not explain:
-        return [(p, None) for p in clf.predict(images, k=k, seed=seed, batch_size=batch_size)]
+        return [(p, None) for p in clf.predict(images, k=k, seed=seed, batch_size=batch_size, exact=exact)]
     from .explain import explain as explain_images
 
     return [(e.prediction, e) for e in explain_images(clf, images, k=k, seed=seed, target=target, batch_size=batch_size)]

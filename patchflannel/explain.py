@@ -444,7 +444,8 @@ def _explain_batch(clf: Classifier, imgs: Sequence[np.ndarray], k: int, seed: in
             centres=None if centres_out is None else centres_out[i].cpu().numpy(), k=k, seed=seed,
             status="ok" if ok else "no_lung",
             message="" if ok else "no lung found in the image: no prediction made (is it a chest radiograph?)",
-            crop_probs={n: torch.softmax(per[n][0][:, i], dim=-1).mean(0).cpu().numpy() for n in clf.names})
+            crop_probs={n: torch.softmax(per[n][0][:, i], dim=-1).mean(0).cpu().numpy() for n in clf.names},
+            k_max=k)
         shape = im.shape[:2]
         signed_work = sum(float(weights[i][j]) * maps[n][i] for j, n in enumerate(clf.names))
         if not ok:

@@ -51,6 +51,8 @@ __all__ = [
     "list_learners",
     "load_backbone_state_dict",
     "make_inputs",
+    "crop_source",
+    "draw_crops",
 ]
 
 logger = logging.getLogger(__name__)
@@ -269,24 +271,42 @@ def make_inputs(images: Tensor, masks: Tensor, spec: InputSpec, k: int = 1, seed
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"images must be (B,1,H,W) uint8 work images, got {tuple(images.shape)} {images.dtype}")
-    if spec.normalise == "lung_zscore":
-        images = lung_zscore(images, masks)
     if spec.mode == "global":
-        img = images
+        img = lung_zscore(images, masks) if spec.normalise == "lung_zscore" else images
         if spec.mask_outside:
-            img = torch.where(masks, images, torch.zeros((), dtype=torch.uint8, device=images.device))
+            img = torch.where(masks, img, torch.zeros((), dtype=torch.uint8, device=images.device))
         x = F.interpolate(img.float(), size=(spec.global_size, spec.global_size), mode="area").div_(255.0)
         cm = None
         if with_masks:
             cm = F.interpolate(masks.float(), size=(spec.global_size, spec.global_size), mode="area").unsqueeze(1) >= 0.5
         return x.unsqueeze(1), None, cm
-    small, small_masks = shrink(images, masks, spec.factor)
+    small, small_masks = crop_source(images, masks, spec)
     if generators is None:
         generators = image_generators(seeds if seeds is not None else [0] * images.shape[0])
+    crops, centres = draw_crops(small, small_masks, spec, k, generators)
+    cm = extract_patches(small_masks.to(torch.uint8), centres // spec.factor, size=spec.learner_input).bool() if with_masks else None
+    return crops, centres, cm
+
+
+def crop_source(images: Tensor, masks: Tensor, spec: InputSpec) -> tuple[Tensor, Tensor]:
+    """Work images and masks → what a patch learner's crops are cut from: normalised
+    (``spec.normalise``) and shrunk by ``spec.factor`` (uint8 images, bool masks)."""
+    if spec.normalise == "lung_zscore":
+        images = lung_zscore(images, masks)
+    return shrink(images, masks, spec.factor)
+
+
+def draw_crops(small: Tensor, small_masks: Tensor, spec: InputSpec, k: int,
+               generators: Sequence[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """The next ``k`` crops of each image's stream, from images already shrunk by :func:`shrink`
+    (and normalised): ``(x (B,k,1,P,P) float [0,1], centres (B,k,2) at work-image coordinates)``.
+
+    Drawing 100 crops at once or in chunks of 20 from the same generators gives
+    the same crops (the sequential vote of ``Classifier.predict`` relies on it).
+    """
     centres = sample_centres(small_masks, k, generator=list(generators))
     crops = extract_patches(small, centres, size=spec.learner_input, masks=small_masks if spec.mask_outside else None)
-    cm = extract_patches(small_masks.to(torch.uint8), centres, size=spec.learner_input).bool() if with_masks else None
-    return crops.float().div_(255.0), centres * spec.factor, cm
+    return crops.float().div_(255.0), centres * spec.factor
 
 
 class Learner(nn.Module):

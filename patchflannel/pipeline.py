@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._files import check_name, file_sha256, write_json
@@ -43,13 +44,14 @@ from .ensemble import load_combiner, save_combiner
 from .errors import WeightsError, WeightsNotFoundError
 from .hub import CONFIG_NAME, WEIGHTS_NAME, replace_dir, resolve_weights
 from .io import as_images, resize, to_uint8
-from .learners import InputSpec, Learner, make_inputs
+from .backend import runner as fast_runner
+from .learners import InputSpec, Learner, crop_source, draw_crops, make_inputs
+from .sampler import image_generators
 from .segment import WORK_SIZE, LungSegmenter, MaskQuality, postprocess
-from .vote import predict_distribution, vote
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Classifier", "Prediction", "Prepared", "image_seed", "prepare"]
+__all__ = ["Classifier", "Prediction", "Prepared", "StopRule", "image_seed", "prepare"]
 
 DEFAULT_CLASSIFIER = "ensemble"
 TASK = "cxr_classifier"
@@ -59,6 +61,40 @@ def image_seed(work: np.ndarray, seed: int) -> int:
     """The crops' seed for one image: its content (1024² uint8) hashed together with ``seed``."""
     h = hashlib.blake2b(np.ascontiguousarray(work).tobytes(), digest_size=8, key=int(seed).to_bytes(8, "little", signed=False))
     return int.from_bytes(h.digest(), "little") & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Sequential voting: draw each image's crops in chunks and stop once the rest would not change the answer.
+
+    The exact answer uses all K crops of the image's stream. After ``n`` crops
+    (``min_k`` first, then ``chunk`` more at a time) the K − n crops still to come
+    are simulated ``draws`` times by resampling the n per-crop learner votes seen
+    so far (a bootstrap), each simulated K-crop vote goes through the combiner and
+    the calibration, and the image stops when at most ``flip`` of the simulations
+    change its label and their mean |Δp| to the current probabilities (calibrated,
+    averaged over classes) is at most ``tol``. The answer given is the one from
+    the n crops seen; the crops are the first n of the exact path's K, so it only
+    ever differs from the exact answer by the votes not yet cast. The resampling
+    generator is keyed by the image's crop seed: the result stays a function of
+    the image, the seed and the weights.
+    """
+
+    chunk: int = 8
+    min_k: int = 32
+    flip: float = 0.01
+    tol: float = 0.007
+    draws: int = 256
+
+    def next_chunk(self, done: int, k: int) -> int:
+        """How many crops to draw after ``done`` of at most ``k``."""
+        return min(k - done, max(self.min_k - done, self.chunk))
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.min_k < 1 or self.draws < 1:
+            raise ValueError(f"chunk, min_k and draws must be ≥ 1, got {self}")
+        if not (0 <= self.flip < 1 and self.tol >= 0):
+            raise ValueError(f"flip must be in [0,1) and tol ≥ 0, got {self}")
 
 
 @dataclass
@@ -77,6 +113,8 @@ def prepare(images: Sequence[np.ndarray], segmenter: LungSegmenter, convention: 
 
     The mask is computed from the *work image* (not the original), so the
     training cache and ``predict`` give bit-identical inputs for the same file.
+    The U-Net runs in PyTorch on both paths (an ONNX Runtime U-Net was tried:
+    no measurable gain end to end, and 3 of 49 masks differed in a few pixels).
     """
     work = [to_uint8(resize(im, work_size, "area")) for im in images]
     probs = segmenter.predict_prob([w.astype(np.float32) / np.float32(255.0) for w in work], convention, work_size)
@@ -101,12 +139,15 @@ class Prediction:
     learner_weights: np.ndarray | None  # (N,) FLANNEL weights w_i (None for other combiners)
     mask: np.ndarray  # (1024,1024) bool lung mask the crops were drawn from
     quality: MaskQuality
-    centres: np.ndarray | None  # (K,2) int64 crop centres at 1024² (first patch learner's), or None
-    k: int
+    centres: np.ndarray | None  # (k,2) int64 crop centres at 1024² (first patch learner's), or None
+    k: int  # crops the answer used (= k_max on the exact path; fewer when sequential voting stopped early)
     seed: int
     status: str = "ok"  # ok | no_lung
     message: str = ""
-    crop_probs: dict[str, np.ndarray] = field(default_factory=dict)  # learner → (K,M) per-crop probabilities
+    crop_probs: dict[str, np.ndarray] = field(default_factory=dict)  # learner → (k,M) per-crop probabilities
+    k_max: int = 0  # crops of the exact path (the K asked for)
+    backend: str = "torch"  # what ran the learners: torch | onnx
+    path: str = "exact"  # exact (PyTorch, all k_max crops) | fast (fast backend, sequential vote)
 
     @property
     def label(self) -> str:
@@ -125,8 +166,11 @@ class Classifier:
     """
 
     def __init__(self, segmenter: LungSegmenter, learners: dict[str, list[Learner]], combiner: nn.Module,
-                 calibrator: Calibrator, config: dict[str, Any], device: str | torch.device = "cpu") -> None:
+                 calibrator: Calibrator, config: dict[str, Any], device: str | torch.device = "cpu",
+                 backend: str = "auto") -> None:
         self.device = torch.device(device)
+        self.backend = backend
+        self._runners: dict[tuple[str, ...], tuple[Any, str]] = {}
         self.segmenter = segmenter.to(self.device)
         self.learners = {n: [m.to(self.device).eval() for m in ms] for n, ms in learners.items()}
         self.combiner = combiner.to(self.device).eval()
@@ -148,10 +192,12 @@ class Classifier:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str] = DEFAULT_CLASSIFIER, device: str | torch.device = "cpu",
-                        segmenter: LungSegmenter | str | os.PathLike[str] | None = None) -> Classifier:
+                        segmenter: LungSegmenter | str | os.PathLike[str] | None = None,
+                        backend: str = "auto") -> Classifier:
         """Load a classifier saved by :meth:`save_pretrained` (names resolved by :func:`patchflannel.hub.resolve_weights`).
 
         ``segmenter``: a :class:`LungSegmenter` or weights name/path; default: the one named in the config.
+        ``backend``: what runs the learners on the fast path (see :mod:`patchflannel.backend`).
         """
         import json
 
@@ -189,7 +235,7 @@ class Classifier:
             if want and have_file.is_file() and file_sha256(have_file) != want:
                 log.warning("%s: the classifier was trained on masks from another lung segmenter (%s); its crops, "
                             "and so its answers, may differ from the validated ones", root, seg_ref)
-        return cls(segmenter, learners, combiner, Calibrator.from_dict(cfg.get("calibration")), cfg, device)
+        return cls(segmenter, learners, combiner, Calibrator.from_dict(cfg.get("calibration")), cfg, device, backend)
 
     def save_pretrained(self, directory: str | os.PathLike[str], half: bool = False,
                         extra: dict[str, Any] | None = None) -> Path:
@@ -237,35 +283,133 @@ class Classifier:
             groups.setdefault(self.learners[n][0].input_spec.crops_key(), []).append(n)
         return groups
 
+    def _group_logits(self, names: Sequence[str], x: torch.Tensor, exact: bool, chunk: int = 256) -> torch.Tensor:
+        """Every member of the learners ``names`` (one input spec) on crops ``x (N,1,P,P)`` →
+        logits ``(members, N, M)`` float32 on the CPU, members in learner order."""
+        models = [m for n in names for m in self.learners[n]]
+        if exact:
+            run = None
+        else:
+            key = tuple(names)
+            if key not in self._runners:
+                self._runners[key] = fast_runner(models, models[0].input_spec.side, self.backend, self.device,
+                                                 models[0].in_chans)
+            run = self._runners[key][0]
+        out = []
+        for s in range(0, x.shape[0], chunk):
+            xs = x[s:s + chunk]
+            out.append((torch.stack([m(xs) for m in models]) if run is None else run(xs)).float().cpu())
+        return torch.cat(out, dim=1)
+
+    def backend_used(self, exact: bool = False) -> str:
+        """``torch`` or ``onnx``: what ran (or will run) the learners."""
+        if exact or self.backend == "torch":
+            return "torch"
+        kinds = {b for _, b in self._runners.values()}
+        return (kinds.pop() if len(kinds) == 1 else "mixed") if kinds else self.backend
+
+    def _member_votes(self, names: Sequence[str], x: torch.Tensor, exact: bool
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Crops ``x (B,c,1,P,P)`` → per learner: (per-crop vote (B,c,M) averaged over its members,
+        per-crop softmax averaged over its members)."""
+        b, c = x.shape[:2]
+        logits = self._group_logits(names, x.reshape(b * c, *x.shape[2:]), exact)
+        soft = torch.softmax(logits, dim=2)
+        votes = soft if self.distribution == "soft" else F.one_hot(logits.argmax(2), soft.shape[2]).float()
+        out, start = {}, 0
+        for n in names:
+            m = len(self.learners[n])
+            out[n] = (votes[start:start + m].mean(0).view(b, c, -1), soft[start:start + m].mean(0).view(b, c, -1))
+            start += m
+        return out
+
     @torch.inference_mode()
-    def learner_distributions(self, prep: Prepared, k: int, seed: int, chunk: int = 256,
-                              keep_crops: bool = False) -> tuple[torch.Tensor, np.ndarray | None, dict[str, np.ndarray]]:
-        """Each learner's distribution for prepared images: ``P (B,N,M)``, centres of the first patch group
-        ``(B,K,2)`` and (``keep_crops``) each learner's per-crop probabilities ``(B,K,M)``."""
+    def votes(self, prep: Prepared, k: int, seed: int, stop: StopRule | None = None, exact: bool = False,
+              keep_crops: bool = False) -> list[dict[str, Any]]:
+        """Each image's learner distributions from its crops.
+
+        The crops of image b are the first ones of its stream (generator keyed by its
+        content and ``seed``); with ``stop`` = None all ``k`` are used, otherwise the
+        :class:`StopRule` decides per image how many. ``exact`` runs the PyTorch
+        models (the reference); otherwise the fast backend.
+
+        Returns per image: ``P`` (N,M) tensor, ``k`` crops used, ``centres`` (k,2) of
+        the first patch group (or None), ``crops`` {learner: (k,M) per-crop softmax}
+        when ``keep_crops``.
+        """
+        n_img = prep.work.shape[0]
         seeds = [image_seed(w, seed) for w in prep.work[:, 0].numpy()]
-        per_learner: dict[str, torch.Tensor] = {}
-        crop_probs: dict[str, np.ndarray] = {}
-        centres_out = None
         work, masks = prep.work.to(self.device), prep.masks.to(self.device)
-        for names in self._groups().values():
+        groups = list(self._groups().values())
+        col = {n: i for i, n in enumerate(self.names)}
+        n_cls = len(self.classes)
+        const = torch.zeros(n_img, len(self.names), n_cls)  # learners that see the whole image: one vote each
+        patch: list[tuple[list[str], InputSpec, tuple[torch.Tensor, torch.Tensor], list[torch.Generator]]] = []
+        out: list[dict[str, Any]] = [{"k": 0, "chunks": [], "centres": [], "crops": {}} for _ in range(n_img)]
+        for names in groups:
             spec: InputSpec = self.learners[names[0]][0].input_spec
-            kk = k if spec.mode == "patch" else 1
-            x, centres, _ = make_inputs(work, masks, spec, kk, seeds=seeds)
-            if centres is not None and centres_out is None:
-                centres_out = centres.cpu().numpy()
-            for n in names:
-                dists, crops = [], []
-                for model in self.learners[n]:
-                    logits = predict_distribution(model, x, chunk_size=chunk)
-                    hard, soft = vote(logits)
-                    dists.append(soft if self.distribution == "soft" else hard)
+            if spec.mode == "global":
+                x, _, _ = make_inputs(work, masks, spec, 1)
+                for n, (v, sm) in self._member_votes(names, x, exact).items():
+                    const[:, col[n]] = v[:, 0]
                     if keep_crops:
-                        crops.append(torch.softmax(logits, dim=2))
-                per_learner[n] = torch.stack(dists).mean(0)
-                if keep_crops:
-                    crop_probs[n] = torch.stack(crops).mean(0).cpu().numpy()
-        P = torch.stack([per_learner[n] for n in self.names], dim=1).float()
-        return P, centres_out, crop_probs
+                        for b in range(n_img):
+                            out[b]["crops"][n] = [sm[b]]
+            else:
+                patch.append((names, spec, crop_source(work, masks, spec), image_generators(seeds)))
+        active = list(range(n_img)) if patch else []
+        while active:
+            done = out[active[0]]["k"]  # every active image has drawn as many crops
+            c = k - done if stop is None else stop.next_chunk(done, k)
+            q = const[active].unsqueeze(1).repeat(1, c, 1, 1)  # (A,c,N,M)
+            first = None
+            for names, spec, (small, small_masks), gens in patch:
+                x, centres = draw_crops(small[active], small_masks[active], spec, c, [gens[b] for b in active])
+                first = centres.cpu() if first is None else first
+                for n, (v, sm) in self._member_votes(names, x, exact).items():
+                    q[:, :, col[n]] = v
+                    if keep_crops:
+                        for i, b in enumerate(active):
+                            out[b]["crops"].setdefault(n, []).append(sm[i])
+            for i, b in enumerate(active):
+                out[b]["chunks"].append(q[i])
+                out[b]["centres"].append(first[i])
+                out[b]["k"] += c
+            if out[active[0]]["k"] >= k or stop is None:
+                break
+            active = [b for b in active if not self.settled(torch.cat(out[b]["chunks"]), k, seeds[b], stop)]
+        result = []
+        for b in range(n_img):
+            o = out[b]
+            P = torch.cat(o["chunks"]).mean(0) if o["chunks"] else const[b]
+            result.append({"P": P.float(), "k": o["k"] if o["chunks"] else 1,
+                           "centres": torch.cat(o["centres"]).numpy() if o["centres"] else None,
+                           "crops": {n: torch.cat(v).numpy() for n, v in o["crops"].items()}})
+        return result
+
+    def settled(self, q: torch.Tensor, k: int, seed: int, stop: StopRule) -> bool:
+        """Would the remaining ``k − n`` crops leave the answer of the ``n`` seen (``q (n,N,M)``) as it is?"""
+        n = q.shape[0]
+        if n >= k:
+            return True
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, n, (stop.draws, k - n), generator=g)
+        sims = (q.sum(0) + q[idx].sum(1)) / k  # (S,N,M): simulated K-crop votes
+        now, _, _ = self.combine(q.mean(0, keepdim=True))
+        probs, _, _ = self.combine(sims)
+        flip = float(np.mean(probs.argmax(1) != now.argmax(1)))
+        dev = float(np.abs(probs - now).mean())
+        return flip <= stop.flip and dev <= stop.tol
+
+    def learner_distributions(self, prep: Prepared, k: int, seed: int, keep_crops: bool = False
+                              ) -> tuple[torch.Tensor, np.ndarray | None, dict[str, np.ndarray]]:
+        """The exact path's distributions, stacked: ``P (B,N,M)``, centres of the first patch group
+        ``(B,K,2)`` (or None) and (``keep_crops``) each learner's per-crop probabilities ``(B,K,M)``."""
+        res = self.votes(prep, k, seed, stop=None, exact=True, keep_crops=keep_crops)
+        P = torch.stack([r["P"] for r in res])
+        centres = None if res[0]["centres"] is None else np.stack([r["centres"] for r in res])
+        crops = {n: np.stack([r["crops"][n] for r in res]) for n in res[0]["crops"]} if keep_crops else {}
+        return P, centres, crops
 
     @torch.inference_mode()
     def combine(self, P: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -276,22 +420,35 @@ class Classifier:
         return (torch.softmax(self.calibrator(z), dim=1).numpy(), torch.softmax(z, dim=1).numpy(),
                 None if w is None else w.double().cpu().numpy())
 
-    def predict(self, images: Any, k: int | None = None, seed: int = 0, batch_size: int = 4,
-                keep_crops: bool = False) -> list[Prediction]:
-        """Images (paths, arrays, lists: see :func:`patchflannel.io.as_images`) → one :class:`Prediction` each."""
+    def predict(self, images: Any, k: int | None = None, seed: int = 0, batch_size: int = 1,
+                keep_crops: bool = False, exact: bool = False, stop: StopRule | None = None,
+                sequential: bool = True) -> list[Prediction]:
+        """Images (paths, arrays, lists: see :func:`patchflannel.io.as_images`) → one :class:`Prediction` each.
+
+        Default (fast) path: the learners run on the fast backend (``self.backend``)
+        and each image's crops are voted sequentially (``stop``, default
+        :class:`StopRule`), up to ``k``; ``sequential=False`` uses all ``k``.
+        ``exact=True``: the reference path: PyTorch models, all ``k`` crops.
+        """
         imgs = as_images(images)
         k = self.default_k if k is None else int(k)
         if k < 1:
             raise ValueError(f"k must be ≥ 1, got {k}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        rule = None if exact or not sequential else (stop or StopRule())
         preds: list[Prediction] = []
         for s in range(0, len(imgs), batch_size):
-            preds += self._predict_batch(imgs[s:s + batch_size], k, seed, keep_crops)
+            preds += self._predict_batch(imgs[s:s + batch_size], k, seed, keep_crops, rule, exact)
         return preds
 
-    def _predict_batch(self, imgs: Sequence[np.ndarray], k: int, seed: int, keep_crops: bool) -> list[Prediction]:
+    def _predict_batch(self, imgs: Sequence[np.ndarray], k: int, seed: int, keep_crops: bool,
+                       stop: StopRule | None = None, exact: bool = True) -> list[Prediction]:
         prep = prepare(imgs, self.segmenter)
-        P, centres, crops = self.learner_distributions(prep, k, seed, keep_crops=keep_crops)
+        res = self.votes(prep, k, seed, stop=stop, exact=exact, keep_crops=keep_crops)
+        P = torch.stack([r["P"] for r in res])
         probs, raw, w = self.combine(P)
+        backend = self.backend_used(exact)
         out = []
         for i in range(len(imgs)):
             q = prep.quality[i]
@@ -303,8 +460,8 @@ class Classifier:
                 classes=self.classes, probs=probs[i] if status == "ok" else nan, raw_probs=raw[i] if status == "ok" else nan,
                 learner_names=self.names, learner_probs=P[i].cpu().numpy(),
                 learner_weights=None if w is None else w[i], mask=prep.masks[i, 0].numpy(), quality=q,
-                centres=None if centres is None else centres[i], k=k, seed=seed, status=status, message=msg,
-                crop_probs={n: c[i] for n, c in crops.items()}))
+                centres=res[i]["centres"], k=res[i]["k"], seed=seed, status=status, message=msg,
+                crop_probs=res[i]["crops"], k_max=k, backend=backend, path="exact" if exact else "fast"))
         return out
 
     def __call__(self, images: Any, **kwargs: Any) -> list[Prediction]:

@@ -14,6 +14,19 @@ SHARED_DATA = Path(os.environ.get("PATCHFLANNEL_DATA", ROOT.parent / "shared" / 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The fast backend's exported graphs go to a temporary cache, not the user's ~/.cache."""
+    old = os.environ.get("PATCHFLANNEL_CACHE")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["PATCHFLANNEL_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("PATCHFLANNEL_CACHE", None)
+    else:
+        os.environ["PATCHFLANNEL_CACHE"] = old
+
+
 @pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:
     """For modules of many small ops: with other jobs on the 2 cores, a 2-thread

@@ -19,7 +19,7 @@ PKG = ROOT / "patchflannel"
 
 # Inference code never imports training code (DESIGN: one way to do each thing; a user's predict
 # must not pull in training loops, data loaders or report writers).
-INFERENCE = {"io", "segment", "sampler", "learners", "vote", "ensemble", "calibrate", "pipeline", "hub", "errors",
+INFERENCE = {"io", "segment", "sampler", "learners", "vote", "ensemble", "calibrate", "pipeline", "hub", "errors", "backend",
              "_files", "runtime", "config", "outputs", "store", "plots", "explain"}
 TRAINING = {"data", "training", "segment_train", "patch_train", "ensemble_run", "metrics", "card",
             "stats"}
