@@ -219,7 +219,7 @@ def split_pass(clf: Classifier, paths: Sequence[Path], batch_size: int, k: int, 
         t = time.perf_counter()
         raw = [read_image(p) for p in paths[start:start + batch_size]]
         t = tick("read", t)
-        # From here on: Classifier.predict (pipeline.prepare, learner_distributions, combine), one step at a time.
+        # From here on: Classifier.predict(exact=True) (pipeline.prepare, the exact votes, combine), one step at a time.
         work = [to_uint8(resize(im, WORK_SIZE, "area")) for im in raw]
         t = tick("resize", t)
         probs = seg.predict_prob([w.astype(np.float32) / np.float32(255.0) for w in work], "scr", WORK_SIZE)

@@ -3,7 +3,7 @@
 PyTorch's eager CPU kernels are slow for the depthwise/grouped convolutions
 of the small mobile backbones the ensemble ships (mnasnet0_5, mobilenet_v3_small,
 shufflenet_v2_x1_0); ONNX Runtime runs the same graphs 1.8–6.6× faster on
-2 CPU cores (benchmarks/bench_predict.py, ``backend`` rows). The graphs are
+2 CPU cores (per model, batches of 100 crops; docs/results.md §6). The graphs are
 the learners themselves (input normalisation included), exported once with
 ``torch.onnx.export`` and cached on disk, so the answers are the PyTorch
 answers up to float rounding (max |Δlogit| ≈ 1e-3, checked on every build).

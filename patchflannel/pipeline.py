@@ -443,7 +443,7 @@ class Classifier:
         return preds
 
     def _predict_batch(self, imgs: Sequence[np.ndarray], k: int, seed: int, keep_crops: bool,
-                       stop: StopRule | None = None, exact: bool = True) -> list[Prediction]:
+                       stop: StopRule | None, exact: bool) -> list[Prediction]:
         prep = prepare(imgs, self.segmenter)
         res = self.votes(prep, k, seed, stop=stop, exact=exact, keep_crops=keep_crops)
         P = torch.stack([r["P"] for r in res])
