@@ -6,22 +6,29 @@ class probabilities (``read_image`` → ``Classifier.predict``: segment → samp
 → learners → FLANNEL → calibration), batch size 1 (predict's default), timed
 round-robin (``--repeats`` rounds after ``--warmup``; median reported):
 
-* ``exact``: the reference, ``predict --exact``: PyTorch models, all K crops.
-* ``backend``: ONNX Runtime instead of PyTorch, still all K crops.
-* ``sequential``: PyTorch models, sequential vote (:class:`~patchflannel.pipeline.StopRule`).
-* ``fast``: both, the default ``predict``.
+* ``exact``: the reference, ``predict --exact --workers 1``: PyTorch models,
+  all K crops, one image at a time: the path as it was before the fast path.
+  Every ``speedup_vs_exact`` is over this row.
+* ``exact_workers``: ``predict --exact`` as it runs now, images side by side
+  (one worker per CPU thread): what predicting images side by side alone gives.
+* ``backend``: ONNX Runtime instead of PyTorch, still all K crops, one worker.
+* ``sequential``: PyTorch models, sequential vote (:class:`~patchflannel.pipeline.StopRule`), one worker.
+* ``fast_1worker``: ONNX Runtime + sequential vote, one image at a time.
+* ``fast``: all three, the default ``predict`` (one worker per CPU thread).
 * ``floor``: the bare network forwards of the fast path on the same images —
   the lung U-Net on its input plus one ONNX Runtime forward of the learners
-  on exactly the crops the fast path used — with reading, resizing, sampling,
-  the stop rule and FLANNEL left out: what no amount of plumbing can beat
-  without doing less network work.
+  on exactly the crops the fast path used, spread over the same workers —
+  with reading, resizing, sampling, the stop rule and FLANNEL left out: what
+  no amount of plumbing can beat without doing less network work.
 
-Each row reports its speed-up over ``exact`` measured in this run, the mean
+Each row reports its speed-up over ``exact`` measured in this run (ratio of
+the medians, and the median/min/max over rounds of the ratio within one
+round, which the machine's drift affects least), the mean
 number of crops used, and its agreement with ``exact`` on these images (labels,
 mean and max |Δp|); the agreement on all 965 development images is
 ``scripts/fast_path_agreement.py``'s job.
 
-    python benchmarks/bench_fast_predict.py                 # 16 images, ~4 min on 2 CPU cores
+    python benchmarks/bench_fast_predict.py                 # 16 images, ~15 min on 2 CPU cores
     python benchmarks/bench_fast_predict.py --images 2 --k 8 --warmup 0 --repeats 1   # smoke run
 """
 
@@ -38,6 +45,8 @@ from typing import Any
 # Runtime works. Set before torch loads; it applies to every row, the exact path included.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -46,26 +55,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from bench_predict import check_ensemble, pick_files
 
+from patchflannel.backend import bind_session
 from patchflannel.io import read_image, resize, to_uint8
 from patchflannel.learners import make_inputs
 from patchflannel.pipeline import DEFAULT_CLASSIFIER, Classifier, StopRule, image_seed, prepare
 from patchflannel.segment import WORK_SIZE
 
 NAME = "fast_predict"
-CONFIGS = ("exact", "backend", "sequential", "fast", "floor")
-COLUMNS = ["config", "backend", "sequential", "images", "k_max", "mean_k", "seconds", "images_per_s", "ms_per_image",
-           "speedup_vs_exact", "label_agreement", "mean_abs_dp", "max_abs_dp", "repeats", "seconds_min", "stop_rule",
+CONFIGS = ("exact", "exact_workers", "backend", "sequential", "fast_1worker", "fast", "floor")
+COLUMNS = ["config", "backend", "sequential", "workers", "images", "k_max", "mean_k", "seconds", "images_per_s", "ms_per_image",
+           "speedup_vs_exact", "speedup_round_median", "speedup_round_min", "speedup_round_max", "label_agreement", "mean_abs_dp", "max_abs_dp", "repeats", "seconds_min", "stop_rule",
            "omp_wait_policy",
            "weights", "data", "selection", "device", "device_name", "cpu_count", "threads", "torch", "torchvision",
            "python", "note"]
-TABLE = ["config", "backend", "mean_k", "ms_per_image", "images_per_s", "speedup_vs_exact", "label_agreement",
+TABLE = ["config", "backend", "workers", "mean_k", "ms_per_image", "images_per_s", "speedup_vs_exact",
+         "speedup_round_min", "speedup_round_max", "label_agreement",
          "mean_abs_dp", "max_abs_dp"]
 NOTES = {
-    "exact": "predict --exact: PyTorch models, all K crops",
-    "backend": "ONNX Runtime learners, all K crops (sequential=False)",
-    "sequential": "PyTorch learners, sequential vote (StopRule)",
-    "fast": "default predict: ONNX Runtime learners + sequential vote",
-    "floor": "bare forwards only: lung U-Net + one ONNX Runtime forward of all members on the crops the fast path used",
+    "exact": "predict --exact --workers 1: PyTorch models, all K crops, one image at a time (the reference)",
+    "exact_workers": "predict --exact: the reference path with images side by side (one worker per CPU thread)",
+    "backend": "ONNX Runtime learners, all K crops (sequential=False), one worker",
+    "sequential": "PyTorch learners, sequential vote (StopRule), one worker",
+    "fast_1worker": "ONNX Runtime learners + sequential vote, one image at a time (predict --workers 1)",
+    "fast": "default predict: ONNX Runtime learners + sequential vote + one worker per CPU thread",
+    "floor": "bare forwards only: lung U-Net + one ONNX Runtime forward of all members on the crops the fast path "
+             "used, over the same workers",
 }
 
 
@@ -104,14 +118,20 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
           f"{len(paths)} images ({selection}), K={args.k}, {rule}", flush=True)
     results: dict[str, list[Any]] = {}
 
-    def run(clf: Classifier, name: str, **kw: Any) -> None:
-        results[name] = [clf.predict([read_image(p)], k=args.k, seed=args.seed, **kw)[0] for p in paths]
+    n_workers = fast.resolve_workers(None)
+    used: dict[str, int] = {}
+
+    def run(clf: Classifier, name: str, workers: int = 1, **kw: Any) -> None:
+        results[name] = clf.predict([str(p) for p in paths], k=args.k, seed=args.seed, workers=workers, **kw)
+        used[name] = workers
 
     fns = {
         "exact": lambda: run(ref, "exact", exact=True),
+        "exact_workers": lambda: run(ref, "exact_workers", n_workers, exact=True),
         "backend": lambda: run(fast, "backend", sequential=False),
         "sequential": lambda: run(ref, "sequential", stop=rule),
-        "fast": lambda: run(fast, "fast", stop=rule),
+        "fast_1worker": lambda: run(fast, "fast_1worker", stop=rule),
+        "fast": lambda: run(fast, "fast", n_workers, stop=rule),
     }
     # floor: the network work of the fast path alone, on inputs prepared outside the clock.
     images = [read_image(p) for p in paths]
@@ -130,11 +150,27 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
             per_group.append(x[0])
         crops.append(per_group)
 
+    def forwards(slot: int) -> None:
+        bind_session(slot if n_workers > 1 else None)
+        try:
+            for xs, per_group in list(zip(seg_inputs, crops))[slot::n_workers]:
+                seg.predict_logits(xs.numpy())
+                for names, xc in zip(groups, per_group):
+                    fast._group_logits(names, xc, exact=False)
+        finally:
+            bind_session(None)
+
     def floor() -> None:
-        for xs, per_group in zip(seg_inputs, crops):
-            seg.predict_logits(xs.numpy())
-            for names, xc in zip(groups, per_group):
-                fast._group_logits(names, xc, exact=False)
+        if n_workers == 1:
+            forwards(0)
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(n_workers) as pool:
+                list(pool.map(forwards, range(n_workers)))
+        finally:
+            torch.set_num_threads(threads)
 
     fns["floor"] = floor
     timing = common.time_interleaved(fns, device, args.warmup, args.repeats)
@@ -148,14 +184,18 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
         row = {**base, "config": name, "seconds": t.median, "seconds_min": t.min, "repeats": t.repeats,
                "images_per_s": len(paths) / t.median, "ms_per_image": 1e3 * t.median / len(paths),
                "speedup_vs_exact": timing["exact"].median / t.median, "note": NOTES[name]}
+        per_round = np.array(timing["exact"].times) / np.array(t.times)  # the same round: the same machine state
+        row.update(speedup_round_median=float(np.median(per_round)), speedup_round_min=float(per_round.min()),
+                   speedup_round_max=float(per_round.max()))
         if name == "floor":
-            row.update(backend=fast.backend_used(), sequential=True,
+            row.update(backend=fast.backend_used(), sequential=True, workers=n_workers,
                        mean_k=float(np.mean([p.k for p in results["fast"]])))
         else:
             preds = results[name]
             probs = np.stack([p.probs for p in preds])
             d = np.abs(probs - exact_probs)
-            row.update(backend=preds[0].backend, sequential=name in ("sequential", "fast"),
+            row.update(backend=preds[0].backend, sequential=name in ("sequential", "fast_1worker", "fast"),
+                       workers=used[name],
                        mean_k=float(np.mean([p.k for p in preds])),
                        label_agreement=float(np.mean(probs.argmax(1) == exact_probs.argmax(1))),
                        mean_abs_dp=float(d.mean()), max_abs_dp=float(d.max()))

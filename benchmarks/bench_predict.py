@@ -5,7 +5,7 @@ the default fast path is measured against; ``bench_fast_predict.py`` times
 both side by side.
 
 For N real chest radiographs, per batch of B images: ``read_image`` from disk,
-then ``Classifier.predict(images, k=K, batch_size=B, exact=True)`` with the shipped
+then ``Classifier.predict(images, k=K, batch_size=B, exact=True, workers=1)`` with the shipped
 classifier — area-resize to the 1024² uint8 work image, lung mask
 (``LungSegmenter.predict_prob`` + ``postprocess``, scr convention), per-image
 crop seeds hashed from the image content (``pipeline.image_seed``), K in-lung
@@ -194,7 +194,8 @@ def predict_files(clf: Classifier, paths: Sequence[Path], batch_size: int, k: in
     out: list[np.ndarray] = []
     for start in range(0, len(paths), batch_size):
         images = [read_image(p) for p in paths[start:start + batch_size]]
-        out += [pred.probs for pred in clf.predict(images, k=k, seed=seed, batch_size=batch_size, exact=True)]
+        out += [pred.probs for pred in clf.predict(images, k=k, seed=seed, batch_size=batch_size, exact=True,
+                                                   workers=1)]
     return out
 
 

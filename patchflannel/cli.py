@@ -560,6 +560,9 @@ def predict(
                                                         "(about 5× slower on a CPU; see docs/results.md §6).")] = False,
     backend: Annotated[str, typer.Option("--backend", help="What runs the learners on the fast path: auto (ONNX Runtime "
                                                            "on the CPU when installed), onnx or torch.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, max=64, help="Batches predicted side by side, one "
+                                                   "thread each (default: one per CPU thread; 1 with --explain or on a "
+                                                   "GPU). Answers do not depend on it.")] = None,
     weights: Annotated[str, typer.Option("--weights", help="Classifier folder or name (export-ensemble writes one).")] = "ensemble",
     seg_weights: Annotated[Optional[str], typer.Option("--seg-weights", help="Lung U-Net (default: the one the classifier "
                                                                            "was trained with).")] = None,
@@ -600,13 +603,22 @@ def predict(
             t0 = time.perf_counter()
             with _progress() as progress:
                 task = progress.add_task("predicting", total=len(files))
-                for start in range(0, len(files), batch_size):
-                    batch, images = _read_batch(files[start:start + batch_size], od, "predictions.csv", cols, names,
-                                                results, lambda: progress.advance(task))
-                    if not images:
-                        continue
-                    for f, im, (p, ex) in zip(batch, images, _predict_maybe_explain(clf, images, kk, seed, batch_size,
-                                                                                   explain_maps, exact=exact)):
+
+                def batches() -> Iterator[tuple[list[Path], list[Any]]]:  # read lazily, unreadable files reported
+                    for start in range(0, len(files), batch_size):
+                        batch, images = _read_batch(files[start:start + batch_size], od, "predictions.csv", cols, names,
+                                                    results, lambda: progress.advance(task))
+                        if images:
+                            yield batch, images
+
+                if explain_maps:  # Grad-CAM: the exact path, one batch at a time
+                    done: Iterator[tuple[Any, list[tuple[Any, Any]]]] = (
+                        (b, _predict_maybe_explain(clf, b[1], kk, seed, batch_size, True)) for b in batches())
+                else:
+                    done = ((b, [(p, None) for p in preds]) for b, preds in clf.predict_stream(
+                        ((b, b[1]) for b in batches()), kk, seed, exact=exact, workers=workers))
+                for (batch, images), pairs in done:
+                    for f, im, (p, ex) in zip(batch, images, pairs):
                         name = names[f]
                         ok = p.status == "ok"
                         od.append_row("predictions.csv", {
@@ -645,8 +657,11 @@ def predict(
         elapsed = time.perf_counter() - t0
         _summary_table(results, "predict")
         n_ok = sum(r["status"] == "ok" for r in results)
-        path = "exact" if exact or explain_maps else f"fast, {clf.backend_used()}"
-        out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K≤{kk}, {path} path) → {out_dir / 'predictions.csv'}, "
+        n_batches = -(-len(files) // batch_size)
+        n_workers = 1 if explain_maps or n_batches < 2 else clf.resolve_workers(workers)
+        path = "exact path" if exact or explain_maps else f"fast path: {clf.backend_used()}"
+        path += f", {n_workers} workers" if n_workers > 1 else ""
+        out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K≤{kk}, {path}) → {out_dir / 'predictions.csv'}, "
                   f"per-image JSON in {out_dir / 'json'}, overlays in {out_dir / 'overlays'}")
         out.print("[dim]research software: not for clinical use[/]")
         if n_ok < len(results):

@@ -395,10 +395,13 @@ class Learner(nn.Module):
                 f"{self.spec.name}: input {tuple(x.shape[2:])} is smaller than its minimum "
                 f"{self.spec.min_input_size}×{self.spec.min_input_size}"
             )
+        return self.backbone(self.normalise(x))
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """Checked input → what the backbone sees: gray repeated to 3 channels, ImageNet mean/std."""
         if self.in_chans == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return self.backbone(x)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 # Old torchvision DenseNet checkpoints (including the ImageNet ones) name layers

@@ -23,12 +23,15 @@ Saved layout (:meth:`Classifier.save_pretrained`)::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ from .ensemble import load_combiner, save_combiner
 from .errors import WeightsError, WeightsNotFoundError
 from .hub import CONFIG_NAME, WEIGHTS_NAME, replace_dir, resolve_weights
 from .io import as_images, resize, to_uint8
+from .backend import bind_session
 from .backend import runner as fast_runner
 from .learners import InputSpec, Learner, crop_source, draw_crops, make_inputs
 from .sampler import image_generators
@@ -287,19 +291,21 @@ class Classifier:
         """Every member of the learners ``names`` (one input spec) on crops ``x (N,1,P,P)`` →
         logits ``(members, N, M)`` float32 on the CPU, members in learner order."""
         models = [m for n in names for m in self.learners[n]]
-        if exact:
-            run = None
-        else:
-            key = tuple(names)
-            if key not in self._runners:
-                self._runners[key] = fast_runner(models, models[0].input_spec.side, self.backend, self.device,
-                                                 models[0].in_chans)
-            run = self._runners[key][0]
+        run = None if exact else self._runner(names)
         out = []
         for s in range(0, x.shape[0], chunk):
             xs = x[s:s + chunk]
             out.append((torch.stack([m(xs) for m in models]) if run is None else run(xs)).float().cpu())
         return torch.cat(out, dim=1)
+
+    def _runner(self, names: Sequence[str]) -> Any:
+        """The fast-backend forward of every member of the learners ``names`` (built on first use)."""
+        key = tuple(names)
+        if key not in self._runners:
+            models = [m for n in names for m in self.learners[n]]
+            self._runners[key] = fast_runner(models, models[0].input_spec.side, self.backend, self.device,
+                                             models[0].in_chans)
+        return self._runners[key][0]
 
     def backend_used(self, exact: bool = False) -> str:
         """``torch`` or ``onnx``: what ran (or will run) the learners."""
@@ -422,25 +428,86 @@ class Classifier:
 
     def predict(self, images: Any, k: int | None = None, seed: int = 0, batch_size: int = 1,
                 keep_crops: bool = False, exact: bool = False, stop: StopRule | None = None,
-                sequential: bool = True) -> list[Prediction]:
+                sequential: bool = True, workers: int | None = None) -> list[Prediction]:
         """Images (paths, arrays, lists: see :func:`patchflannel.io.as_images`) → one :class:`Prediction` each.
 
         Default (fast) path: the learners run on the fast backend (``self.backend``)
         and each image's crops are voted sequentially (``stop``, default
         :class:`StopRule`), up to ``k``; ``sequential=False`` uses all ``k``.
         ``exact=True``: the reference path: PyTorch models, all ``k`` crops.
+        ``workers``: batches predicted side by side (see :meth:`predict_stream`).
         """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         imgs = as_images(images)
+        batches = ((None, imgs[s:s + batch_size]) for s in range(0, len(imgs), batch_size))
+        return [p for _, preds in self.predict_stream(batches, k, seed, keep_crops, exact, stop, sequential, workers)
+                for p in preds]
+
+    def resolve_workers(self, workers: int | None) -> int:
+        """How many batches run side by side: ``None`` = one per CPU thread (at most 4) on the CPU
+        (exact and fast path alike), 1 on GPUs."""
+        if workers is None:
+            return max(1, min(torch.get_num_threads(), 4)) if self.device.type == "cpu" else 1
+        if int(workers) < 1:
+            raise ValueError(f"workers must be ≥ 1, got {workers}")
+        return int(workers) if self.device.type == "cpu" else 1
+
+    def predict_stream(self, batches: Iterable[tuple[Any, Sequence[np.ndarray]]], k: int | None = None, seed: int = 0,
+                       keep_crops: bool = False, exact: bool = False, stop: StopRule | None = None,
+                       sequential: bool = True, workers: int | None = None) -> Iterator[tuple[Any, list[Prediction]]]:
+        """``(tag, images)`` batches (consumed lazily; images as :func:`~patchflannel.io.as_images`
+        takes them, read in the worker) → ``(tag, predictions)``, in input order.
+
+        With ``workers`` > 1 (default on the CPU: one per CPU thread,
+        :meth:`resolve_workers`), that many batches are predicted side by side,
+        each in its own thread with one single-threaded ONNX Runtime session and
+        PyTorch at one thread (set for the duration of the stream, restored
+        after): the serial parts of one image (reading, mask post-processing,
+        sampling, the stop rule) overlap the network work of another, and the
+        small convolutions of the learners run better on one thread each than
+        on two threads together. Every image's crops, and so its answer, are
+        unchanged (they depend only on the image and ``seed``; one-thread and
+        two-thread kernels differ by float rounding, |Δp| ~ 1e-8); only the
+        throughput changes (docs/results.md §6).
+        """
         k = self.default_k if k is None else int(k)
         if k < 1:
             raise ValueError(f"k must be ≥ 1, got {k}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         rule = None if exact or not sequential else (stop or StopRule())
-        preds: list[Prediction] = []
-        for s in range(0, len(imgs), batch_size):
-            preds += self._predict_batch(imgs[s:s + batch_size], k, seed, keep_crops, rule, exact)
-        return preds
+        n = self.resolve_workers(workers)
+        it = iter(batches)
+        head = list(itertools.islice(it, 2))  # a single batch runs as it is, on every thread
+        batches = itertools.chain(head, it)
+        if n == 1 or len(head) < 2:
+            for tag, imgs in batches:
+                yield tag, self._predict_batch(as_images(imgs), k, seed, keep_crops, rule, exact)
+            return
+        if not exact:  # built once, before the threads: each runner sizes its sessions by the thread count
+            for names in self._groups().values():
+                self._runner(names)
+
+        def job(imgs: Any) -> list[Prediction]:
+            return self._predict_batch(as_images(imgs), k, seed, keep_crops, rule, exact)
+
+        threads = torch.get_num_threads()
+        slots = itertools.count()
+        pool = ThreadPoolExecutor(n, thread_name_prefix="patchflannel-predict",
+                                  initializer=lambda: bind_session(next(slots)))
+        pending: deque[tuple[Any, Future[list[Prediction]]]] = deque()
+        torch.set_num_threads(1)
+        try:
+            for tag, imgs in batches:
+                pending.append((tag, pool.submit(job, imgs)))
+                if len(pending) > n:
+                    tag0, fut = pending.popleft()
+                    yield tag0, fut.result()
+            while pending:
+                tag0, fut = pending.popleft()
+                yield tag0, fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
 
     def _predict_batch(self, imgs: Sequence[np.ndarray], k: int, seed: int, keep_crops: bool,
                        stop: StopRule | None, exact: bool) -> list[Prediction]:

@@ -26,6 +26,12 @@ default fast path, as a user runs it) against the recorded exact answers:
 
     patchflannel predict ../shared/data/cxr/images --out runs/agree/fast965
     python scripts/fast_path_agreement.py compare --out runs/agree/npz --predictions runs/agree/fast965/predictions.csv
+
+or against a real ``patchflannel predict --exact`` run instead of the records:
+
+    patchflannel predict ../shared/data/cxr/images --exact --out runs/agree/exact965
+    python scripts/fast_path_agreement.py compare --exact-predictions runs/agree/exact965/predictions.csv \
+        --predictions runs/agree/fast965/predictions.csv
 """
 
 from __future__ import annotations
@@ -130,27 +136,25 @@ def replay(args: argparse.Namespace) -> None:
 
 
 def compare(args: argparse.Namespace) -> None:
-    """A real ``patchflannel predict`` run (``--predictions``) against the recorded exact answers."""
+    """A real ``patchflannel predict`` run (``--predictions``) against the exact answers: the recorded
+    ones (``--out``) or those of a ``predict --exact`` run (``--exact-predictions``)."""
     if not args.predictions:
         sys.exit("compare needs --predictions PATH/predictions.csv of a predict run over the same images")
-    classes = None
-    by_file: dict[str, dict[str, str]] = {}
-    with open(args.predictions, newline="", encoding="utf-8") as fh:
-        for r in csv.DictReader(fh):
-            by_file[Path(r["file"]).name] = r
-            classes = classes or [c[2:] for c in r if c.startswith("p_")]
+    by_file, classes = _predictions(args.predictions)
+    exact_rows = _predictions(args.exact_predictions)[0] if args.exact_predictions else None
     res: dict[str, list[tuple[float, ...]]] = {"tune": [], "test": []}
     missing = failed = 0
     for i, r in enumerate(rows_of(args.data)):
         f = Path(args.out) / f"{r['image_id']}.npz"
         pr = by_file.get(Path(r["file"]).name)
-        if not f.exists() or pr is None:
+        ex = exact_rows.get(Path(r["file"]).name) if exact_rows is not None else None
+        if pr is None or (ex is None if exact_rows is not None else not f.exists()):
             missing += 1
             continue
-        if pr["status"] != "ok":
+        if pr["status"] != "ok" or (ex is not None and ex["status"] != "ok"):
             failed += 1
             continue
-        pe = np.load(f)["probs_exact"]
+        pe = np.array([float(ex[f"p_{c}"]) for c in classes]) if ex is not None else np.load(f)["probs_exact"]
         p = np.array([float(pr[f"p_{c}"]) for c in classes])
         d = np.abs(p - pe)
         res["tune" if i % 5 == 0 else "test"].append((int(pr["k"]), int(p.argmax() == pe.argmax()), d.mean(), d.max()))
@@ -166,6 +170,17 @@ def compare(args: argparse.Namespace) -> None:
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     print(f"{missing} images without a recorded exact answer or a prediction row, {failed} not predicted (status ≠ ok)")
     _write(args.csv, out_rows)
+
+
+def _predictions(path: str) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """A predictions.csv → (rows by file name, class names)."""
+    by_file: dict[str, dict[str, str]] = {}
+    classes: list[str] = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            by_file[Path(r["file"]).name] = r
+            classes = classes or [c[2:] for c in r if c.startswith("p_")]
+    return by_file, classes
 
 
 def _write(csv_path: str, out_rows: list[dict[str, object]]) -> None:
@@ -192,6 +207,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("step", choices=["record", "replay", "compare"])
     ap.add_argument("--predictions", default="", help="compare: predictions.csv of a predict run over --data")
+    ap.add_argument("--exact-predictions", default="", help="compare: predictions.csv of a predict --exact run "
+                                                             "(instead of the records in --out)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cxr")
     ap.add_argument("--out", default="runs/agree/npz", help="folder of the recorded .npz files")
     ap.add_argument("--weights", default="ensemble")

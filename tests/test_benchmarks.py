@@ -79,7 +79,7 @@ def _only_csv(folder: Path, name: str) -> Path:
 # --------------------------------------------------------------------------- helpers that need no data
 
 
-@pytest.mark.parametrize("script", ["bench_patch_inference", "bench_predict", "bench_segment"])
+@pytest.mark.parametrize("script", ["bench_patch_inference", "bench_predict", "bench_segment", "bench_fast_predict"])
 def test_help(script: str, capsys: pytest.CaptureFixture[str]) -> None:
     # In process: a subprocess per script would spend ~10 s importing torch on the busy 2 cores.
     with pytest.raises(SystemExit) as info:
@@ -312,3 +312,23 @@ def test_predict_smoke(predict_bench: ModuleType, cxr_dir: Path, tmp_path: Path,
     assert all(v >= 0 for v in stages) and float(r["forward_ms"]) > 0 and float(r["segment_ms"]) > 0
     assert float(r["split_total_ms"]) == pytest.approx(sum(stages), rel=1e-3)
     assert r["split_matches_predict"] == "True"  # the instrumented pass still mirrors Classifier.predict
+
+
+def test_fast_predict_smoke(cxr_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if not (SHIPPED_ENSEMBLE / "config.json").is_file():
+        pytest.skip(f"shipped classifier {SHIPPED_ENSEMBLE} absent")
+    bench = _load("bench_fast_predict")
+    threads_before = torch.get_num_threads()
+    bench.main(["--weights", str(SHIPPED_ENSEMBLE), "--data", str(cxr_dir), "--images", "2", "--k", "8",
+                "--warmup", "0", "--repeats", "1", "--threads", "2", "--out-dir", str(tmp_path)])
+    assert torch.get_num_threads() == threads_before
+    header, rows = _read_csv(_only_csv(tmp_path, "fast_predict"))
+    assert header == bench.COLUMNS and [r["config"] for r in rows] == list(bench.CONFIGS)
+    by = {r["config"]: r for r in rows}
+    assert by["exact"]["workers"] == "1" and by["fast"]["workers"] == by["floor"]["workers"] == "2"
+    assert float(by["exact"]["speedup_vs_exact"]) == float(by["exact"]["speedup_round_median"]) == 1.0
+    for r in rows:
+        assert float(r["speedup_round_min"]) <= float(r["speedup_round_median"]) <= float(r["speedup_round_max"])
+        if r["config"] != "floor":  # K = 8 < the stop rule's first 32: every row uses all 8 crops, exact's answer
+            assert float(r["mean_k"]) == 8 and float(r["label_agreement"]) == 1.0 and float(r["mean_abs_dp"]) < 1e-5
+    assert by["fast"]["mean_k"] == by["fast_1worker"]["mean_k"] and by["fast"]["mean_abs_dp"] == by["fast_1worker"]["mean_abs_dp"]

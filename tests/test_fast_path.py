@@ -165,6 +165,44 @@ def test_fast_path_answer_depends_only_on_the_image(shipped: Classifier) -> None
         np.testing.assert_allclose(b.probs, a.probs, rtol=0, atol=1e-6)
 
 
+@needs_onnx
+def test_image_workers_change_nothing_but_the_speed(shipped: Classifier) -> None:
+    from patchflannel.errors import ImageReadError
+
+    imgs = [*SAMPLES, SAMPLES[0]]
+    threads = torch.get_num_threads()
+    serial = shipped.predict(imgs, k=64, workers=1)
+    for workers in (2, 3):
+        side = shipped.predict(imgs, k=64, workers=workers)
+        assert torch.get_num_threads() == threads  # PyTorch's thread count is restored
+        for a, b in zip(serial, side):
+            assert (a.k, a.label) == (b.k, b.label)
+            np.testing.assert_array_equal(a.centres, b.centres)
+            np.testing.assert_allclose(b.probs, a.probs, rtol=0, atol=1e-6)
+    # a batch that fails in a worker surfaces as its error, in order, and leaves the process as it was
+    stream = shipped.predict_stream([("a", [SAMPLES[0]]), ("b", [np.zeros((3, 3))]), ("c", [SAMPLES[1]])], k=32, workers=2)
+    assert next(stream)[0] == "a"
+    with pytest.raises(ImageReadError):
+        next(stream)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="workers must be"):
+        shipped.predict(SAMPLES[:1], workers=0)
+
+
+@needs_onnx
+def test_a_pinned_thread_runs_its_whole_batch_on_one_session() -> None:
+    models = [_learner(), _learner("mnasnet0_5")]
+    run, _ = backend.runner(models, 32, "onnx")
+    x = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    split = run(x)
+    backend.bind_session(1)
+    try:
+        pinned = run(x)
+    finally:
+        backend.bind_session(None)
+    torch.testing.assert_close(pinned, split, rtol=1e-5, atol=1e-5)
+
+
 def test_cli_predict_exact_and_fast_columns(tmp_path: Path, shipped: Classifier) -> None:
     from typer.testing import CliRunner
 
