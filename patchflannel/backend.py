@@ -95,13 +95,16 @@ class Stacked(nn.Module):
     def __init__(self, models: list[nn.Module]) -> None:
         super().__init__()
         self.models = nn.ModuleList(models)
+        from .learners import Learner
+
         first = models[0] if models else None
-        self.shared = first is not None and all(
-            hasattr(m, "normalise") and hasattr(m, "backbone") and m.in_chans == first.in_chans
-            and torch.equal(m.mean, first.mean) and torch.equal(m.std, first.std) for m in models)
+        self.shared = isinstance(first, Learner) and all(
+            isinstance(m, Learner) and m.in_chans == first.in_chans and torch.equal(m.mean, first.mean)
+            and torch.equal(m.std, first.std) for m in models)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.shared:
+            self.models[0].check_input(x)
             x = self.models[0].normalise(x)
             return torch.stack([m.backbone(x) for m in self.models])
         return torch.stack([m(x) for m in self.models])
@@ -169,7 +172,7 @@ class _OnnxRunner:
     def __call__(self, x: Tensor) -> Tensor:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         slot = getattr(_bound, "slot", None)
-        if slot is not None:  # an image-parallel worker: its own session, its whole batch
+        if slot is not None:  # an image-parallel worker: its own session (shared if workers > sessions), its whole batch
             return torch.from_numpy(self.sessions[slot % self.workers].run(None, {"x": arr})[0])
         parts = np.array_split(arr, min(self.workers, len(arr))) if len(arr) else [arr]
         if self.pool is None or len(parts) == 1:

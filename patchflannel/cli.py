@@ -134,9 +134,12 @@ def _input_files(inputs: list[Path]) -> list[Path]:
 
 
 def _read_batch(files: list[Path], od: Any, csv_name: str, columns: list[str], names: dict[Path, str],
-                results: list[dict[str, Any]], advance: Callable[[], None]) -> tuple[list[Path], list[Any]]:
+                results: list[dict[str, Any]], advance: Callable[[], None],
+                deferred: list[Callable[[], None]] | None = None) -> tuple[list[Path], list[Any]]:
     """Read a batch of inputs for segment/predict/explain: each unreadable file gets its one-line message,
-    its ``status=error`` row in ``csv_name`` and its summary entry; the readable ones are returned."""
+    its ``status=error`` row in ``csv_name`` and its summary entry (now, or, with ``deferred``, when the
+    caller runs the callables appended there: rows stay in input order when batches are read ahead);
+    the readable ones are returned."""
     from .errors import ImageReadError
     from .io import read_image
 
@@ -146,10 +149,17 @@ def _read_batch(files: list[Path], od: Any, csv_name: str, columns: list[str], n
             images.append(read_image(f))
             batch.append(f)
         except ImageReadError as exc:
-            console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            od.append_row(csv_name, {"file": str(f), "name": names[f], "status": "error", "error": exc.problem}, columns)
-            results.append({"file": f, "status": "error", "detail": exc.problem})
-            advance()
+            def report(f: Path = f, exc: ImageReadError = exc) -> None:
+                console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                od.append_row(csv_name, {"file": str(f), "name": names[f], "status": "error", "error": exc.problem},
+                              columns)
+                results.append({"file": f, "status": "error", "detail": exc.problem})
+                advance()
+
+            if deferred is None:
+                report()
+            else:
+                deferred.append(report)
     return batch, images
 
 
@@ -557,12 +567,12 @@ def predict(
     seed: Annotated[int, typer.Option(help="Seed of the crop centres (each image's crops also depend on its content only).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, max=64, help="Images per forward batch (1 measured fastest on 2 CPU cores).")] = 1,
     exact: Annotated[bool, typer.Option("--exact", help="The reference path: PyTorch models, all K crops of every image "
-                                                        "(about 5× slower on a CPU; see docs/results.md §6).")] = False,
+                                                        "(about 4× slower on a CPU; see docs/results.md §6).")] = False,
     backend: Annotated[str, typer.Option("--backend", help="What runs the learners on the fast path: auto (ONNX Runtime "
                                                            "on the CPU when installed), onnx or torch.")] = "auto",
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, max=64, help="Batches predicted side by side, one "
-                                                   "thread each (default: one per CPU thread; 1 with --explain or on a "
-                                                   "GPU). Answers do not depend on it.")] = None,
+                                                   "thread each (default: one per CPU thread, at most 4; 1 with --explain "
+                                                   "or on a GPU). Answers do not depend on it beyond float rounding.")] = None,
     weights: Annotated[str, typer.Option("--weights", help="Classifier folder or name (export-ensemble writes one).")] = "ensemble",
     seg_weights: Annotated[Optional[str], typer.Option("--seg-weights", help="Lung U-Net (default: the one the classifier "
                                                                            "was trained with).")] = None,
@@ -600,65 +610,72 @@ def predict(
             cols = _predict_columns(clf.classes)
             kk = clf.default_k if k is None else k
             results: list[dict[str, Any]] = []
+            n_run = 0  # batches predicted
             t0 = time.perf_counter()
             with _progress() as progress:
                 task = progress.add_task("predicting", total=len(files))
 
-                def batches() -> Iterator[tuple[list[Path], list[Any]]]:  # read lazily, unreadable files reported
+                def batches() -> Iterator[tuple[Any, list[Any]]]:
+                    """Read lazily (ahead of the workers); an unreadable file is reported in its turn."""
                     for start in range(0, len(files), batch_size):
+                        deferred: list[Callable[[], None]] = []
                         batch, images = _read_batch(files[start:start + batch_size], od, "predictions.csv", cols, names,
-                                                    results, lambda: progress.advance(task))
-                        if images:
-                            yield batch, images
+                                                    results, lambda: progress.advance(task), deferred)
+                        yield (batch, images, deferred), images
 
+                stream: Iterator[tuple[Any, list[Any]]]
                 if explain_maps:  # Grad-CAM: the exact path, one batch at a time
-                    done: Iterator[tuple[Any, list[tuple[Any, Any]]]] = (
-                        (b, _predict_maybe_explain(clf, b[1], kk, seed, batch_size, True)) for b in batches())
+                    stream = ((tag, _predict_maybe_explain(clf, images, kk, seed, batch_size, True) if images else [])
+                              for tag, images in batches())
+                    done = stream
                 else:
-                    done = ((b, [(p, None) for p in preds]) for b, preds in clf.predict_stream(
-                        ((b, b[1]) for b in batches()), kk, seed, exact=exact, workers=workers))
-                for (batch, images), pairs in done:
-                    for f, im, (p, ex) in zip(batch, images, pairs):
-                        name = names[f]
-                        ok = p.status == "ok"
-                        od.append_row("predictions.csv", {
-                            "file": str(f), "name": name, "status": p.status, "error": p.message,
-                            "label": p.label, "confidence": f"{p.confidence:.4f}" if ok else "",
-                            **{f"p_{c}": f"{v:.6f}" if ok else "" for c, v in zip(clf.classes, p.probs)},
-                            "lung_fraction": f"{p.quality.lung_fraction:.4f}", "mask_suspicious": int(p.quality.suspicious),
-                            "k": p.k, "k_max": kk, "path": p.path, "seed": seed}, cols)
-                        write_json(od.file("json", f"{name}.json"), {
-                            "file": str(f), "status": p.status, "message": p.message, "label": p.label,
-                            "probabilities": dict(zip(clf.classes, map(float, p.probs))) if ok else None,
-                            "probabilities_uncalibrated": dict(zip(clf.classes, map(float, p.raw_probs))) if ok else None,
-                            "calibration": clf.calibrator.to_dict(), "k": p.k, "k_max": kk, "path": p.path,
-                            "backend": p.backend, "seed": seed,
-                            "mask": {"lung_fraction": p.quality.lung_fraction, "suspicious": p.quality.suspicious,
-                                     "reason": p.quality.reason},
-                            "learners": {n: {"distribution": dict(zip(clf.classes, map(float, p.learner_probs[i]))),
-                                             "weight": None if p.learner_weights is None else float(p.learner_weights[i])}
-                                         for i, n in enumerate(clf.names)},
-                            "crop_centres_1024": None if p.centres is None else p.centres.tolist(),
-                            **(_explanation_json(clf, p, ex) if ex is not None else {}),
-                            "note": "research software, not a medical device"})
-                        write_png(od.file("overlays", f"{name}.png"), overlay(im, resize(p.mask, im.shape, "nearest")))
-                        if ex is not None and ok:
-                            _write_explanation(od, name, im, ex)
-                        if ok:
-                            detail = f"{p.label} ({p.confidence:.2f})  " + " ".join(
-                                f"{c}={v:.2f}" for c, v in zip(clf.classes, p.probs))
-                            if p.quality.suspicious:
-                                detail += f" [yellow](mask: {p.quality.reason})[/]"
-                            results.append({"file": f, "status": "ok", "detail": detail})
-                        else:
-                            console.print(f"[red]✗[/] {escape(str(f))}: {escape(p.message)}", highlight=False, soft_wrap=True)
-                            results.append({"file": f, "status": p.status, "detail": p.message})
-                        progress.advance(task)
+                    stream = clf.predict_stream(batches(), kk, seed, exact=exact, workers=workers)
+                    done = ((tag, [(p, None) for p in preds]) for tag, preds in stream)
+                with contextlib.closing(stream):  # on an error here, the workers stop now, not at exit
+                    for (batch, images, deferred), pairs in done:
+                        n_run += bool(images)
+                        for report in deferred:
+                            report()
+                        for f, im, (p, ex) in zip(batch, images, pairs):
+                            name = names[f]
+                            ok = p.status == "ok"
+                            od.append_row("predictions.csv", {
+                                "file": str(f), "name": name, "status": p.status, "error": p.message,
+                                "label": p.label, "confidence": f"{p.confidence:.4f}" if ok else "",
+                                **{f"p_{c}": f"{v:.6f}" if ok else "" for c, v in zip(clf.classes, p.probs)},
+                                "lung_fraction": f"{p.quality.lung_fraction:.4f}", "mask_suspicious": int(p.quality.suspicious),
+                                "k": p.k, "k_max": kk, "path": p.path, "seed": seed}, cols)
+                            write_json(od.file("json", f"{name}.json"), {
+                                "file": str(f), "status": p.status, "message": p.message, "label": p.label,
+                                "probabilities": dict(zip(clf.classes, map(float, p.probs))) if ok else None,
+                                "probabilities_uncalibrated": dict(zip(clf.classes, map(float, p.raw_probs))) if ok else None,
+                                "calibration": clf.calibrator.to_dict(), "k": p.k, "k_max": kk, "path": p.path,
+                                "backend": p.backend, "seed": seed,
+                                "mask": {"lung_fraction": p.quality.lung_fraction, "suspicious": p.quality.suspicious,
+                                         "reason": p.quality.reason},
+                                "learners": {n: {"distribution": dict(zip(clf.classes, map(float, p.learner_probs[i]))),
+                                                 "weight": None if p.learner_weights is None else float(p.learner_weights[i])}
+                                             for i, n in enumerate(clf.names)},
+                                "crop_centres_1024": None if p.centres is None else p.centres.tolist(),
+                                **(_explanation_json(clf, p, ex) if ex is not None else {}),
+                                "note": "research software, not a medical device"})
+                            write_png(od.file("overlays", f"{name}.png"), overlay(im, resize(p.mask, im.shape, "nearest")))
+                            if ex is not None and ok:
+                                _write_explanation(od, name, im, ex)
+                            if ok:
+                                detail = f"{p.label} ({p.confidence:.2f})  " + " ".join(
+                                    f"{c}={v:.2f}" for c, v in zip(clf.classes, p.probs))
+                                if p.quality.suspicious:
+                                    detail += f" [yellow](mask: {p.quality.reason})[/]"
+                                results.append({"file": f, "status": "ok", "detail": detail})
+                            else:
+                                console.print(f"[red]✗[/] {escape(str(f))}: {escape(p.message)}", highlight=False, soft_wrap=True)
+                                results.append({"file": f, "status": p.status, "detail": p.message})
+                            progress.advance(task)
         elapsed = time.perf_counter() - t0
         _summary_table(results, "predict")
         n_ok = sum(r["status"] == "ok" for r in results)
-        n_batches = -(-len(files) // batch_size)
-        n_workers = 1 if explain_maps or n_batches < 2 else clf.resolve_workers(workers)
+        n_workers = 1 if explain_maps or n_run < 2 else clf.resolve_workers(workers)
         path = "exact path" if exact or explain_maps else f"fast path: {clf.backend_used()}"
         path += f", {n_workers} workers" if n_workers > 1 else ""
         out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K≤{kk}, {path}) → {out_dir / 'predictions.csv'}, "

@@ -386,6 +386,11 @@ class Learner(nn.Module):
         return model.to(device).eval()
 
     def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        return self.backbone(self.normalise(x))
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise ValueError unless ``x`` is ``(N,in_chans,H,W)`` float with H,W ≥ the backbone's minimum."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"{self.spec.name}: expected input (N,{self.in_chans},H,W), got {tuple(x.shape)}")
         if not x.dtype.is_floating_point:
@@ -395,7 +400,6 @@ class Learner(nn.Module):
                 f"{self.spec.name}: input {tuple(x.shape[2:])} is smaller than its minimum "
                 f"{self.spec.min_input_size}×{self.spec.min_input_size}"
             )
-        return self.backbone(self.normalise(x))
 
     def normalise(self, x: Tensor) -> Tensor:
         """Checked input → what the backbone sees: gray repeated to 3 channels, ImageNet mean/std."""

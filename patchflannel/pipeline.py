@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,26 @@ __all__ = ["Classifier", "Prediction", "Prepared", "StopRule", "image_seed", "pr
 
 DEFAULT_CLASSIFIER = "ensemble"
 TASK = "cxr_classifier"
+
+
+_threads_lock = threading.Lock()
+_threads_state = {"active": 0, "saved": 0}
+
+
+def _divide_threads(workers: int) -> None:
+    """PyTorch's intra-op threads shared among ``workers`` (counted: overlapping streams restore once)."""
+    with _threads_lock:
+        if _threads_state["active"] == 0:
+            _threads_state["saved"] = torch.get_num_threads()
+            torch.set_num_threads(max(1, _threads_state["saved"] // workers))
+        _threads_state["active"] += 1
+
+
+def _restore_threads() -> None:
+    with _threads_lock:
+        _threads_state["active"] -= 1
+        if _threads_state["active"] == 0:
+            torch.set_num_threads(_threads_state["saved"])
 
 
 def image_seed(work: np.ndarray, seed: int) -> int:
@@ -428,14 +449,15 @@ class Classifier:
 
     def predict(self, images: Any, k: int | None = None, seed: int = 0, batch_size: int = 1,
                 keep_crops: bool = False, exact: bool = False, stop: StopRule | None = None,
-                sequential: bool = True, workers: int | None = None) -> list[Prediction]:
+                sequential: bool = True, workers: int | None = 1) -> list[Prediction]:
         """Images (paths, arrays, lists: see :func:`patchflannel.io.as_images`) → one :class:`Prediction` each.
 
         Default (fast) path: the learners run on the fast backend (``self.backend``)
         and each image's crops are voted sequentially (``stop``, default
         :class:`StopRule`), up to ``k``; ``sequential=False`` uses all ``k``.
         ``exact=True``: the reference path: PyTorch models, all ``k`` crops.
-        ``workers``: batches predicted side by side (see :meth:`predict_stream`).
+        ``workers``: batches predicted side by side (see :meth:`predict_stream`; None = one per
+        CPU thread, as ``patchflannel predict`` does).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -445,59 +467,67 @@ class Classifier:
                 for p in preds]
 
     def resolve_workers(self, workers: int | None) -> int:
-        """How many batches run side by side: ``None`` = one per CPU thread (at most 4) on the CPU
-        (exact and fast path alike), 1 on GPUs."""
+        """How many batches run side by side: ``None`` = one per CPU thread, at most 4 (exact and
+        fast path alike) on the CPU; always 1 on GPUs."""
         if workers is None:
             return max(1, min(torch.get_num_threads(), 4)) if self.device.type == "cpu" else 1
         if int(workers) < 1:
             raise ValueError(f"workers must be ≥ 1, got {workers}")
         return int(workers) if self.device.type == "cpu" else 1
 
-    def predict_stream(self, batches: Iterable[tuple[Any, Sequence[np.ndarray]]], k: int | None = None, seed: int = 0,
+    def predict_stream(self, batches: Iterable[tuple[Any, Sequence[Any]]], k: int | None = None, seed: int = 0,
                        keep_crops: bool = False, exact: bool = False, stop: StopRule | None = None,
-                       sequential: bool = True, workers: int | None = None) -> Iterator[tuple[Any, list[Prediction]]]:
+                       sequential: bool = True, workers: int | None = 1) -> Iterator[tuple[Any, list[Prediction]]]:
         """``(tag, images)`` batches (consumed lazily; images as :func:`~patchflannel.io.as_images`
-        takes them, read in the worker) → ``(tag, predictions)``, in input order.
+        takes them, converted in the worker) → ``(tag, predictions)``, in input order.
 
-        With ``workers`` > 1 (default on the CPU: one per CPU thread,
-        :meth:`resolve_workers`), that many batches are predicted side by side,
-        each in its own thread with one single-threaded ONNX Runtime session and
-        PyTorch at one thread (set for the duration of the stream, restored
-        after): the serial parts of one image (reading, mask post-processing,
-        sampling, the stop rule) overlap the network work of another, and the
-        small convolutions of the learners run better on one thread each than
-        on two threads together. Every image's crops, and so its answer, are
-        unchanged (they depend only on the image and ``seed``; one-thread and
-        two-thread kernels differ by float rounding, |Δp| ~ 1e-8); only the
-        throughput changes (docs/results.md §6).
+        With ``workers`` > 1 (None: one per CPU thread, :meth:`resolve_workers`;
+        ``patchflannel predict``'s default), that many batches are predicted side
+        by side, each in its own thread with its own ONNX Runtime session, and
+        PyTorch's intra-op threads divided among them (1 each on 2 cores; set
+        while any stream runs, restored after the last one ends): the serial
+        parts of one image (mask post-processing, sampling, the stop rule)
+        overlap the network work of another, and the small convolutions of the
+        learners run better on one thread each than on two threads together
+        (docs/results.md §6). At most ``workers + 1`` batches are in flight. A
+        single batch runs as it would alone, on every thread.
+
+        An image's crops depend only on the image and ``seed``, never on the
+        workers. Kernels on one thread and on two differ by float rounding
+        (|Δp| ~ 1e-8 measured); the same mask, hence the same crops and the same
+        stopping point, is what was measured on the 965 development images
+        (labels and crop counts identical with and without workers), not a
+        guarantee for every image: a lung-probability pixel within ~1e-7 of the
+        threshold could flip.
         """
         k = self.default_k if k is None else int(k)
         if k < 1:
             raise ValueError(f"k must be ≥ 1, got {k}")
-        rule = None if exact or not sequential else (stop or StopRule())
         n = self.resolve_workers(workers)
-        it = iter(batches)
-        head = list(itertools.islice(it, 2))  # a single batch runs as it is, on every thread
-        batches = itertools.chain(head, it)
-        if n == 1 or len(head) < 2:
-            for tag, imgs in batches:
-                yield tag, self._predict_batch(as_images(imgs), k, seed, keep_crops, rule, exact)
+        rule = None if exact or not sequential else (stop or StopRule())
+        return self._stream(iter(batches), k, seed, keep_crops, rule, exact, n)
+
+    def _stream(self, it: Iterator[tuple[Any, Sequence[Any]]], k: int, seed: int, keep_crops: bool,
+                rule: StopRule | None, exact: bool, n: int) -> Iterator[tuple[Any, list[Prediction]]]:
+        def job(imgs: Sequence[Any]) -> list[Prediction]:
+            return self._predict_batch(as_images(list(imgs)), k, seed, keep_crops, rule, exact) if len(imgs) else []
+
+        head = list(itertools.islice(it, 2)) if n > 1 else []
+        if n == 1 or len(head) < 2:  # one batch runs as it would alone, on every thread
+            for tag, imgs in itertools.chain(head, it):
+                yield tag, job(imgs)
             return
-        if not exact:  # built once, before the threads: each runner sizes its sessions by the thread count
+        if not exact:  # built once, before the threads (each runner sizes its sessions by the thread count)
             for names in self._groups().values():
                 self._runner(names)
-
-        def job(imgs: Any) -> list[Prediction]:
-            return self._predict_batch(as_images(imgs), k, seed, keep_crops, rule, exact)
-
-        threads = torch.get_num_threads()
         slots = itertools.count()
         pool = ThreadPoolExecutor(n, thread_name_prefix="patchflannel-predict",
                                   initializer=lambda: bind_session(next(slots)))
         pending: deque[tuple[Any, Future[list[Prediction]]]] = deque()
-        torch.set_num_threads(1)
+        clean = False
+        _divide_threads(n)
         try:
-            for tag, imgs in batches:
+            for tag, imgs in itertools.chain(head, it):
                 pending.append((tag, pool.submit(job, imgs)))
                 if len(pending) > n:
                     tag0, fut = pending.popleft()
@@ -505,9 +535,11 @@ class Classifier:
             while pending:
                 tag0, fut = pending.popleft()
                 yield tag0, fut.result()
+            clean = True
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(threads)
+            # On an error or an early close (Ctrl-C, the caller stopped), do not wait for the batches still running.
+            pool.shutdown(wait=clean, cancel_futures=True)
+            _restore_threads()
 
     def _predict_batch(self, imgs: Sequence[np.ndarray], k: int, seed: int, keep_crops: bool,
                        stop: StopRule | None, exact: bool) -> list[Prediction]:

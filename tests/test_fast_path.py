@@ -166,15 +166,27 @@ def test_fast_path_answer_depends_only_on_the_image(shipped: Classifier) -> None
 
 
 @needs_onnx
-def test_image_workers_change_nothing_but_the_speed(shipped: Classifier) -> None:
+def test_image_workers_change_nothing_but_the_speed(shipped: Classifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
     from patchflannel.errors import ImageReadError
 
     imgs = [*SAMPLES, SAMPLES[0]]
     threads = torch.get_num_threads()
     serial = shipped.predict(imgs, k=64, workers=1)
+    ran_in: list[str] = []
+    batch = Classifier._predict_batch
+
+    def spy(self: Classifier, *args: object, **kwargs: object) -> object:
+        ran_in.append(threading.current_thread().name)
+        return batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Classifier, "_predict_batch", spy)
     for workers in (2, 3):
+        ran_in.clear()
         side = shipped.predict(imgs, k=64, workers=workers)
         assert torch.get_num_threads() == threads  # PyTorch's thread count is restored
+        assert len(ran_in) == 3 and all(n.startswith("patchflannel-predict") for n in ran_in)  # really in workers
         for a, b in zip(serial, side):
             assert (a.k, a.label) == (b.k, b.label)
             np.testing.assert_array_equal(a.centres, b.centres)
@@ -185,21 +197,43 @@ def test_image_workers_change_nothing_but_the_speed(shipped: Classifier) -> None
     with pytest.raises(ImageReadError):
         next(stream)
     assert torch.get_num_threads() == threads
+    # a stream the caller stops early restores the threads too
+    stream = shipped.predict_stream([(i, [p]) for i, p in enumerate(imgs)], k=32, workers=2)
+    assert next(stream)[0] == 0
+    assert torch.get_num_threads() == max(1, threads // 2)  # divided while the stream runs
+    stream.close()
+    assert torch.get_num_threads() == threads
     with pytest.raises(ValueError, match="workers must be"):
-        shipped.predict(SAMPLES[:1], workers=0)
+        shipped.predict_stream([], workers=0)  # checked when called, not when iterated
 
 
 @needs_onnx
 def test_a_pinned_thread_runs_its_whole_batch_on_one_session() -> None:
     models = [_learner(), _learner("mnasnet0_5")]
     run, _ = backend.runner(models, 32, "onnx")
+    if len(run.sessions) < 2:
+        pytest.skip("one CPU thread: the runner has a single session")
+    calls: list[tuple[int, int]] = []
+
+    class Recorder:
+        def __init__(self, i: int, session: object) -> None:
+            self.i, self.session = i, session
+
+        def run(self, out: object, feed: dict[str, np.ndarray]) -> object:
+            calls.append((self.i, len(feed["x"])))
+            return self.session.run(out, feed)
+
+    run.sessions = [Recorder(i, s) for i, s in enumerate(run.sessions)]
     x = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     split = run(x)
+    assert sorted(calls) == [(0, 3), (1, 3)]  # unpinned: the batch split over the sessions
+    calls.clear()
     backend.bind_session(1)
     try:
         pinned = run(x)
     finally:
         backend.bind_session(None)
+    assert calls == [(1, 6)]  # pinned: the whole batch on session 1
     torch.testing.assert_close(pinned, split, rtol=1e-5, atol=1e-5)
 
 
