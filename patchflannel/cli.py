@@ -629,7 +629,7 @@ def predict(
                               for tag, images in batches())
                     done = stream
                 else:
-                    stream = clf.predict_stream(batches(), kk, seed, exact=exact, workers=workers)
+                    stream = clf.predict_stream(batches(), kk, seed, exact=exact, workers=workers, converted=True)
                     done = ((tag, [(p, None) for p in preds]) for tag, preds in stream)
                 with contextlib.closing(stream):  # on an error here, the workers stop now, not at exit
                     for (batch, images, deferred), pairs in done:

@@ -461,9 +461,10 @@ class Classifier:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-        imgs = as_images(images)
+        k, rule, n = self._stream_options(k, exact, stop, sequential, workers)
+        imgs = as_images(images)  # converted once here; the workers take the arrays as they are
         batches = ((None, imgs[s:s + batch_size]) for s in range(0, len(imgs), batch_size))
-        return [p for _, preds in self.predict_stream(batches, k, seed, keep_crops, exact, stop, sequential, workers)
+        return [p for _, preds in self._stream(batches, k, seed, keep_crops, rule, exact, n, converted=True)
                 for p in preds]
 
     def resolve_workers(self, workers: int | None) -> int:
@@ -477,9 +478,12 @@ class Classifier:
 
     def predict_stream(self, batches: Iterable[tuple[Any, Sequence[Any]]], k: int | None = None, seed: int = 0,
                        keep_crops: bool = False, exact: bool = False, stop: StopRule | None = None,
-                       sequential: bool = True, workers: int | None = 1) -> Iterator[tuple[Any, list[Prediction]]]:
+                       sequential: bool = True, workers: int | None = 1, *, converted: bool = False
+                       ) -> Iterator[tuple[Any, list[Prediction]]]:
         """``(tag, images)`` batches (consumed lazily; images as :func:`~patchflannel.io.as_images`
-        takes them, converted in the worker) → ``(tag, predictions)``, in input order.
+        takes them, converted in the worker; ``converted=True``: they already are ``(H,W)`` float32
+        [0,1] arrays from :func:`~patchflannel.io.read_image` or ``as_images``, used as they are)
+        → ``(tag, predictions)``, in input order.
 
         With ``workers`` > 1 (None: one per CPU thread, :meth:`resolve_workers`;
         ``patchflannel predict``'s default), that many batches are predicted side
@@ -500,17 +504,27 @@ class Classifier:
         guarantee for every image: a lung-probability pixel within ~1e-7 of the
         threshold could flip.
         """
+        k, rule, n = self._stream_options(k, exact, stop, sequential, workers)
+        return self._stream(batches, k, seed, keep_crops, rule, exact, n, converted)
+
+    def _stream_options(self, k: int | None, exact: bool, stop: StopRule | None, sequential: bool,
+                        workers: int | None) -> tuple[int, StopRule | None, int]:
+        """Checked (crops asked for, stop rule or None, workers)."""
         k = self.default_k if k is None else int(k)
         if k < 1:
             raise ValueError(f"k must be ≥ 1, got {k}")
-        n = self.resolve_workers(workers)
-        rule = None if exact or not sequential else (stop or StopRule())
-        return self._stream(iter(batches), k, seed, keep_crops, rule, exact, n)
+        return k, None if exact or not sequential else (stop or StopRule()), self.resolve_workers(workers)
 
-    def _stream(self, it: Iterator[tuple[Any, Sequence[Any]]], k: int, seed: int, keep_crops: bool,
-                rule: StopRule | None, exact: bool, n: int) -> Iterator[tuple[Any, list[Prediction]]]:
+    def _stream(self, it: Iterable[tuple[Any, Sequence[Any]]], k: int, seed: int, keep_crops: bool,
+                rule: StopRule | None, exact: bool, n: int, converted: bool = False
+                ) -> Iterator[tuple[Any, list[Prediction]]]:
+        it = iter(it)
+
         def job(imgs: Sequence[Any]) -> list[Prediction]:
-            return self._predict_batch(as_images(list(imgs)), k, seed, keep_crops, rule, exact) if len(imgs) else []
+            if not len(imgs):
+                return []
+            return self._predict_batch(list(imgs) if converted else as_images(list(imgs)), k, seed, keep_crops, rule,
+                                       exact)
 
         head = list(itertools.islice(it, 2)) if n > 1 else []
         if n == 1 or len(head) < 2:  # one batch runs as it would alone, on every thread
