@@ -293,6 +293,7 @@ class EnsembleConfig(Section):
     weight_decay: float = Field(default=0.0, ge=0)
     stacking_width: int = Field(default=64, ge=1)
     seed: int = Field(default=0, ge=0)
+    inputs: Literal["patch", "all"] = "patch"  # what FLANNEL, voting and stacking combine: patch learners or patch + global
 
 
 DEFAULTS: dict[str, Any] = EnsembleConfig().model_dump()
@@ -325,6 +326,11 @@ class LearnerSet:
         """Columns of the whole-image (``global_=True``) or patch learners."""
         return [i for i, n in enumerate(self.names) if _is_global(n) == global_]
 
+    def combined(self, inputs: str) -> list[int]:
+        """Columns FLANNEL and the voting/stacking rows combine: ``"patch"`` learners only
+        (Patched FLANNEL) or ``"all"`` (patch learners, then whole-image ones)."""
+        return self.indices(global_=False) + (self.indices(global_=True) if inputs == "all" else [])
+
 
 @dataclass
 class Votes:
@@ -340,6 +346,8 @@ class Votes:
     sources: np.ndarray
     P: np.ndarray = field(repr=False)
     views: np.ndarray | None = None  # radiographic view per image (PA, AP, AP Supine, …) when the vote files record it
+    folds: np.ndarray | None = None  # out-of-fold votes: the fold each image was held out in (when recorded)
+    ages: np.ndarray | None = None  # age group per image (adult / pediatric / "") when the vote files record it
 
 
 def _is_global(name: str) -> bool:
@@ -491,10 +499,13 @@ def load_votes(
                       folders={n: available[n] for n in names})
     oof_votes = Votes(ids=o["ids"].astype(str), y=o["y"].astype(np.int64), patients=o["patients"].astype(str),
                       sources=o["sources"].astype(str), P=np.stack(P_oof, axis=1),
-                      views=o["views"].astype(str) if "views" in o else None)
+                      views=o["views"].astype(str) if "views" in o else None,
+                      folds=o["fold"].astype(np.int64) if "fold" in o else None,
+                      ages=o["age_groups"].astype(str) if "age_groups" in o else None)
     test_votes = Votes(ids=t["ids"].astype(str), y=t["y"].astype(np.int64), patients=t["patients"].astype(str),
                        sources=t["sources"].astype(str), P=np.stack(P_test, axis=2),
-                       views=t["views"].astype(str) if "views" in t else None)
+                       views=t["views"].astype(str) if "views" in t else None,
+                       ages=t["age_groups"].astype(str) if "age_groups" in t else None)
     logger.info("ensemble: %d learners (%s), %d out-of-fold and %d test images, %d fold models, %s votes",
                 len(names), ", ".join(names), len(oof_votes.ids), len(test_votes.ids), ref["F"], distribution)
     return lset, oof_votes, test_votes
@@ -526,7 +537,7 @@ def _slug(name: str) -> str:
 
 
 def _rows(lset: LearnerSet, cfg: dict[str, Any], alpha: Tensor) -> list[_Row]:
-    patch, glob = lset.indices(global_=False), lset.indices(global_=True)
+    patch, glob = lset.combined(cfg["inputs"]), lset.indices(global_=True)
     m = len(lset.classes)
     hidden, width = cfg["hidden"], cfg["stacking_width"]
 
@@ -538,7 +549,7 @@ def _rows(lset: LearnerSet, cfg: dict[str, Any], alpha: Tensor) -> list[_Row]:
 
     n = len(patch)
     focal = {"loss": "focal", "gamma": cfg["gamma"], "alpha": alpha}
-    rows = [_Row(lset.names[i], _slug(lset.names[i]), [i], rule=lambda P: P[:, 0]) for i in patch]
+    rows = [_Row(lset.names[i], _slug(lset.names[i]), [i], rule=lambda P: P[:, 0]) for i in lset.indices(global_=False)]
     rows += [
         _Row("soft voting", "soft_voting", patch, rule=soft_vote),
         _Row("hard voting", "hard_voting", patch, rule=hard_vote),
@@ -553,6 +564,7 @@ def _rows(lset: LearnerSet, cfg: dict[str, Any], alpha: Tensor) -> list[_Row]:
     ]
     if glob:
         rows += [_Row(lset.names[i], _slug(lset.names[i]), [i], rule=lambda P: P[:, 0]) for i in glob]
+    if len(glob) > 1 or (glob and cfg["inputs"] == "patch"):
         rows.append(_Row("FLANNEL over global learners (focal)", "flannel_global_focal", glob,
                          build=flannel(len(glob)), fit=focal))
     return rows
@@ -758,7 +770,7 @@ def _claims_md(res: dict[str, Any], row_fl: str, best: str, best_test: str, covi
                          f"{c['fold_models_won']}/{c['fold_models_compared']} | {c['verdict']} |")
     lines += [
         "",
-        (f"The best single patch learner `{best}` was chosen on out-of-fold macro-F1 "
+        (f"The best single learner `{best}` was chosen on out-of-fold macro-F1 "
          f"({rows[best]['oof_macro_f1']:.3f}). For context only (a selection on the test set): the single patch "
          f"learner with the highest test macro-F1 is `{best_test}` "
          f"({rows[best_test]['summary']['macro_f1']['mean']:.3f})."),
@@ -870,6 +882,137 @@ def _shipped_ci(out: Path, results: dict[str, Any], ev: _Evaluation, test: Votes
             "seed": seed, "what": "mean of fold models, first seed; patients resampled"}
 
 
+def _ages(v: Votes) -> list[str]:
+    from .stats import sample_age_group
+
+    if v.ages is not None:
+        return [str(a) for a in v.ages]
+    return [sample_age_group(patient_id=p, source=s) for p, s in zip(v.patients.tolist(), v.sources.tolist())]
+
+
+def _read_external(lset: LearnerSet) -> tuple[np.ndarray, np.ndarray] | None:
+    """Votes of every learner on the train-only sources' held-out part (``external.npz``, e.g. JSRT
+    adult radiographs without pneumonia): ``(ids, P (e,n,M) mean of fold models)``, or None."""
+    ids, P = None, []
+    for name in lset.names:
+        f = lset.folders[name] / "external.npz"
+        if not f.is_file():
+            return None
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                d = {k: z[k] for k in ("ids", lset.distribution) if k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{f}: unreadable vote file ({exc})") from None
+        if len(d) < 2:
+            return None  # e.g. hard votes asked for, only soft ones recorded for the hold-out
+        order = np.argsort(d["ids"].astype(str), kind="stable")
+        if ids is not None and not np.array_equal(ids, d["ids"].astype(str)[order]):
+            return None
+        ids = d["ids"].astype(str)[order]
+        P.append(np.asarray(d[lset.distribution], dtype=np.float32)[order].mean(1))
+    return (ids, np.stack(P, axis=1)) if ids is not None and len(ids) else None
+
+
+def _all_images(out: Path, cfg: dict[str, Any], lset: LearnerSet, oof: Votes, test: Votes, rows: list[_Row],
+                ev: _Evaluation, results: dict[str, Any], covid: int, n_resamples: int = 2000) -> dict[str, Any] | None:
+    """The source confound measured on **every** labelled image, each scored by models that never saw it.
+
+    Test part: as shipped (mean of fold models; combiners trained on all out-of-fold votes). Out-of-fold
+    part: the learners' out-of-fold votes; a trained combiner is *cross-fitted* — for the images of fold
+    f it is trained (same settings, first seed) on the other folds' out-of-fold votes only. Reports the
+    within-adult COVID-vs-rest AUC, adult non-COVID images called COVID (Wilson CI) and per-source /
+    per-age metrics with cluster-bootstrap CIs, for FLANNEL (focal), soft voting and the best single
+    learner; and what the shipped rows call the held-out train-only images (``external.npz``), e.g.
+    JSRT adults without pneumonia. Writes ``OUT/all_images.md``; None when the vote files lack fold ids.
+    """
+    from .stats import EvalData, bootstrap_metrics, confound_report, stratified_report
+
+    if oof.folds is None:
+        return None
+    keys = ["flannel_focal", "soft_voting", results["claims"]["best_single_key"]]
+    by_key = {r.key: r for r in rows}
+    y = np.concatenate([oof.y, test.y])
+    patients = np.concatenate([oof.patients, test.patients])
+    sources = np.concatenate([oof.sources, test.sources]).astype(str)
+    ages = _ages(oof) + _ages(test)
+    part = np.array(["out-of-fold"] * len(oof.y) + ["test"] * len(test.y))
+    ext = _read_external(lset)
+    report: dict[str, Any] = {"n_images": int(y.size), "n_out_of_fold": int(len(oof.y)), "n_test": int(len(test.y)),
+                              "n_resamples": n_resamples, "models": {}}
+    for key in dict.fromkeys(keys):
+        row = by_key[key]
+        if row.trainable:
+            p_oof = np.zeros((len(oof.y), len(lset.classes)))
+            for f in np.unique(oof.folds):
+                rest = np.flatnonzero(oof.folds != f).tolist()
+                tr, va = inner_validation(rest, oof.y, oof.patients, cfg["val_frac"], cfg["seed"])
+                one = copy.copy(row)
+                one.fits, one.seeds = [], []
+                _train(one, oof.P[tr], oof.y[tr], oof.P[va], oof.y[va], {**cfg, "seeds": 1}, torch.device("cpu"))
+                held = oof.folds == f
+                p_oof[held] = _predict(row, oof.P[held], one.fits[0], torch.device("cpu"))[0]
+        else:
+            p_oof = _predict(row, oof.P, None, torch.device("cpu"))[0]
+        probs = np.concatenate([p_oof, ev.mean_proba[key]])
+        d = EvalData(y=y, probs=probs, classes=tuple(lset.classes), clusters=patients)
+        pred = probs.argmax(1)
+        adult_neg = (np.array(ages) == "adult") & (y != covid)
+        called = int((pred[adult_neg] == covid).sum())
+        lo, hi = _wilson(called, int(adult_neg.sum()))
+        entry: dict[str, Any] = {
+            "name": row.name,
+            "overall": bootstrap_metrics(d, n_resamples, cfg["seed"]),
+            "confound": confound_report(d, ages, n_resamples, cfg["seed"]),
+            "adult_non_covid_called_covid": {"n": int(adult_neg.sum()), "called": called,
+                                             "fraction": called / max(1, int(adult_neg.sum())), "ci95": [lo, hi]},
+            "strata": stratified_report(d, {"age_group": ages, "source": sources.tolist(), "part": part.tolist()},
+                                        n_resamples, cfg["seed"]),
+        }
+        if ext is not None:
+            ids_e, P_e = ext
+            pe = _predict(row, P_e, row.fits[0] if row.trainable else None, torch.device("cpu"))[0].argmax(1)
+            n_e = len(ids_e)
+            entry["external"] = {"n": n_e, "predicted": {c: int((pe == j).sum()) for j, c in enumerate(lset.classes)},
+                                 "called_covid_ci95": list(_wilson(int((pe == covid).sum()), n_e))}
+        report["models"][key] = entry
+    write_json(out / "all_images.json", report)
+    write_text(out / "all_images.md", _all_images_md(report, lset.classes[covid]))
+    return report
+
+
+def _all_images_md(rep: Mapping[str, Any], covid_name: str) -> str:
+    def ci(m: Mapping[str, Any]) -> str:
+        if m.get("note"):
+            return str(m["note"])
+        v, lo, hi = m["value"], m.get("ci_low", math.nan), m.get("ci_high", math.nan)
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{v:.3f}"
+
+    lines = ["# Every labelled image, scored by models that never saw it", "",
+             f"{rep['n_images']} images: {rep['n_out_of_fold']} out-of-fold (learners' out-of-fold votes; trained "
+             f"combiners cross-fitted over the folds) + {rep['n_test']} test (as shipped). 95 % CIs: "
+             f"{rep['n_resamples']} bootstrap resamples of patients; fractions: Wilson.", "",
+             f"| model | macro-F1 | within-adult {covid_name}-vs-rest AUC | adult non-{covid_name} called {covid_name} | "
+             f"p_{covid_name}: adult vs pediatric non-{covid_name} AUC | held-out train-only images called {covid_name} |",
+             "|---|---|---|---|---|---|"]
+    for m in rep["models"].values():
+        a = m["adult_non_covid_called_covid"]
+        e = m.get("external")
+        ext = (f"{e['predicted'][covid_name]}/{e['n']} [{e['called_covid_ci95'][0]:.2f}, {e['called_covid_ci95'][1]:.2f}]; "
+               f"normal {e['predicted'].get('normal', 0)}/{e['n']}" if e else "–")
+        lines.append(f"| {m['name']} | {ci(m['overall']['macro_f1'])} | {ci(m['confound']['within_adults'])} | "
+                     f"{a['called']}/{a['n']} = {a['fraction']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] | "
+                     f"{ci(m['confound']['adult_vs_pediatric_negatives'])} | {ext} |")
+    for m in rep["models"].values():
+        lines += ["", f"## {m['name']}: per group", "", "| group | stratum | n | patients | macro-F1 | accuracy | "
+                  f"mean p_{covid_name} |", "|---|---|---:|---:|---|---|---:|"]
+        for g, srows in m["strata"].items():
+            for r in srows:
+                mp = next((v for k, v in r.items() if k.startswith("mean_p_")), float("nan"))
+                lines.append(f"| {g} | {r['stratum']} | {r['n']} | {r['patients']} | {ci(r['metrics']['macro_f1'])} | "
+                             f"{ci(r['metrics']['accuracy'])} | {mp:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> dict[str, Any]:
     """Temperature for the shipped FLANNEL (first seed) fitted on the ensemble-validation part of the
     out-of-fold votes (never on test); ECE/Brier on the test votes (mean of fold models) before and after."""
@@ -964,6 +1107,7 @@ def run_ensemble(
     results = _results(cfg, lset, oof, test, tr, va, alpha, rows, ev, covid, warnings)
     results["calibration"] = _calibrate(out, next(r for r in rows if r.key == "flannel_focal"), oof, test, va)
     results["shipped_configuration"] = _shipped_ci(out, results, ev, test, lset.classes, cfg["seed"])
+    results["all_images"] = _all_images(out, cfg, lset, oof, test, rows, ev, results, covid)
     _write_outputs(out, results, lset, test, rows, ev)
     f1 = {r["key"]: r["summary"]["macro_f1"] for r in results["rows"]}
     logger.info("ensemble: FLANNEL (focal) macro-F1 %.3f ± %.3f (best single %s %.3f, soft voting %.3f); wrote %s",
@@ -1031,13 +1175,14 @@ def _results(cfg: dict[str, Any], lset: LearnerSet, oof: Votes, test: Votes, tr:
     """Everything that goes into results.json."""
     classes, covid_name, n_folds = lset.classes, lset.classes[covid], test.P.shape[1]
     by_key = {r["key"]: r for r in ev.rows}
-    singles = [r for r in ev.rows if not r["trainable"] and r["group"] == "patch" and len(r["learners"]) == 1
+    groups = ("patch", "global") if cfg["inputs"] == "all" else ("patch",)
+    singles = [r for r in ev.rows if not r["trainable"] and r["group"] in groups and len(r["learners"]) == 1
                and r["key"] not in ("soft_voting", "hard_voting")]
     best = max(singles, key=lambda r: r["oof_macro_f1"])
     best_test = max(singles, key=lambda r: r["summary"]["macro_f1"]["mean"])
     fl = by_key["flannel_focal"]
     metrics = ("macro_f1", f"per_class.{covid_name}.f1")
-    others = {f"(a) best single patch learner `{best['name']}`": best, "(b) soft voting": by_key["soft_voting"],
+    others = {f"(a) best single {'' if cfg['inputs'] == 'all' else 'patch '}learner `{best['name']}`": best, "(b) soft voting": by_key["soft_voting"],
               "(c) FLANNEL (CE)": by_key["flannel_ce"]}
     claims = {"best_single_learner": best["name"], "best_single_key": best["key"],
               "best_single_selected_on": "out-of-fold macro-F1",
@@ -1059,6 +1204,7 @@ def _results(cfg: dict[str, Any], lset: LearnerSet, oof: Votes, test: Votes, tr:
     }
     fl_seeds = next(r for r in rows if r.key == "flannel_focal").seeds
     patch_names = [lset.names[i] for i in lset.indices(global_=False)]
+    combined = [lset.names[i] for i in lset.combined(cfg["inputs"])]
     per_seed = {str(s): np.concatenate(ev.flannel_ws[i * n_folds:(i + 1) * n_folds]).mean(axis=0).tolist()
                 for i, s in enumerate(fl_seeds)}
     return {
@@ -1068,6 +1214,7 @@ def _results(cfg: dict[str, Any], lset: LearnerSet, oof: Votes, test: Votes, tr:
         "learners": lset.names,
         "patch_learners": patch_names,
         "global_learners": [lset.names[i] for i in lset.indices(global_=True)],
+        "combined_learners": combined,
         "learner_folders": {n: str(p) for n, p in lset.folders.items()},
         "k": lset.k,
         "distribution": lset.distribution,
@@ -1078,7 +1225,7 @@ def _results(cfg: dict[str, Any], lset: LearnerSet, oof: Votes, test: Votes, tr:
         "alpha": alpha.tolist(),
         "row_order": [r["name"] for r in ev.rows],
         "rows": ev.rows,
-        "flannel_weights": {**_weight_stats(ev.flannel_ws, patch_names), "per_seed_mean": per_seed},
+        "flannel_weights": {**_weight_stats(ev.flannel_ws, combined), "per_seed_mean": per_seed},
         "claims": claims,
         "source_confound": confound,
         "warnings": warnings,
@@ -1094,7 +1241,7 @@ def _write_outputs(out: Path, results: dict[str, Any], lset: LearnerSet, test: V
     fl, best = by_key["flannel_focal"], by_key[results["claims"]["best_single_key"]]
     best_test = next(r for r in ev.rows if r["name"] == results["claims"]["best_single_on_test_context_only"])
     fl_row = next(r for r in rows if r.key == "flannel_focal")
-    patch_names = results["patch_learners"]
+    patch_names = results["combined_learners"]
 
     table = format_table({r["name"]: r["summary"] for r in ev.rows}, classes, positive=covid_name)
     caption = (f"\nHeld-out test set ({len(test.ids)} images): mean (std) over {n_folds} fold models × "

@@ -21,6 +21,7 @@ saying which file to put where; ``pretrained=<path>`` loads a local file.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -237,17 +238,28 @@ def shrink(images: Tensor, masks: Tensor, factor: int) -> tuple[Tensor, Tensor]:
 
 
 def lung_zscore(images: Tensor, masks: Tensor) -> Tensor:
-    """Per image: intensities mapped so that lung pixels have mean 0.5, std 0.2 (uint8 in, uint8 out)."""
-    x = images.float()
-    m = masks.float()
-    n = m.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
-    mean = (x * m).sum(dim=(1, 2, 3), keepdim=True) / n
-    var = (((x - mean) * m) ** 2).sum(dim=(1, 2, 3), keepdim=True) / n
-    # Images without lung pixels keep their intensities.
-    has = (n > 1).float()
-    std = var.sqrt().clamp_min(1.0)
-    z = (x - mean) / std * 0.2 * 255 + 0.5 * 255
-    return (has * z + (1 - has) * x).round_().clamp_(0, 255).to(torch.uint8)
+    """Per image: intensities mapped so that lung pixels have mean 0.5, std 0.2 (uint8 in, uint8 out).
+
+    The lung statistics come from a 256-bin histogram and the map is a 256-entry lookup table, so
+    an image costs a few milliseconds at 1024² (float maths over every pixel took ~80 ms).
+    Images without lung pixels keep their intensities; the std is floored at one grey level.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"lung_zscore expects uint8 images, got {images.dtype}")
+    out = torch.empty_like(images)
+    levels = torch.arange(256, dtype=torch.float64)
+    for i in range(images.shape[0]):
+        img = images[i]
+        hist = torch.bincount(img[masks[i]].flatten(), minlength=256).to(torch.float64).cpu()
+        n = float(hist.sum())
+        if n <= 1:
+            out[i] = img
+            continue
+        mean = float((hist * levels).sum()) / n
+        std = max(math.sqrt(float((hist * (levels - mean) ** 2).sum()) / n), 1.0)
+        lut = ((levels - mean) / std * (0.2 * 255) + 0.5 * 255).round_().clamp_(0, 255).to(torch.uint8)
+        out[i] = lut.to(img.device)[img.long()]
+    return out
 
 
 def make_inputs(images: Tensor, masks: Tensor, spec: InputSpec, k: int = 1, seeds: Sequence[int] | None = None,

@@ -65,7 +65,7 @@ def _images(rng: np.random.Generator, n: int, prefix: str) -> dict[str, np.ndarr
     return {"ids": np.array([f"{prefix}{i:03d}" for i in range(n)]), "y": y.astype(np.int64),
             "patients": np.array([f"{prefix}p{i // 2}" for i in range(n)]), "sources": sources,
             "groups": np.array([f"{prefix}p{i // 2}" for i in range(n)]),
-            "age_groups": np.where(sources == PEDIATRIC, "child", "adult"),
+            "age_groups": np.where(sources == PEDIATRIC, "pediatric", "adult"),
             "views": np.where(np.arange(n) % 3 == 0, "AP", "PA"), "findings": np.array([CLASSES[c] for c in y])}
 
 
@@ -575,3 +575,53 @@ def test_shipped_configuration_has_bootstrap_cis(ran: tuple[list[Path], Path, di
     assert set(ship["strata"]) == {"source", "age_group", "view"} and "within_adults" in ship["confound"]
     views = np.load(next(out.parent.rglob("test.npz")))["views"]  # the view strata are the test images' views
     assert sorted(r["stratum"] for r in ship["strata"]["view"]) == sorted({v or "unknown" for v in views.astype(str)})
+
+
+def test_inputs_all_combines_patch_and_global_learners(ran: tuple[list[Path], Path, dict[str, Any]],
+                                                       tmp_path: Path) -> None:
+    runs, _, _ = ran
+    results = run_ensemble({**CFG, "inputs": "all"}, runs, tmp_path / "all")
+    assert results["combined_learners"] == ["good", "noisy", "anti", "global-good"]
+    fl = next(r for r in results["rows"] if r["key"] == "flannel_focal")
+    assert fl["learners"] == results["combined_learners"]
+    assert set(results["flannel_weights"]["per_learner"]) == {"good", "noisy", "anti", "global-good"}
+    saved = json.loads((tmp_path / "all" / "flannel" / "config.json").read_text())
+    assert saved["learners"] == ["good", "noisy", "anti", "global-good"] and saved["n_learners"] == 4
+    # one global learner: its single row is there, a FLANNEL over it alone is not
+    names = [r["name"] for r in results["rows"]]
+    assert "global-good" in names and "FLANNEL over global learners (focal)" not in names
+    # the best single learner is chosen among every learner the ensemble combines
+    assert results["claims"]["best_single_learner"] in results["combined_learners"]
+
+
+def test_all_images_report_scores_every_image_out_of_fold(ran: tuple[list[Path], Path, dict[str, Any]],
+                                                          tmp_path: Path) -> None:
+    runs, out, results = ran
+    rep = results["all_images"]
+    assert rep["n_images"] == N_OOF + N_TEST and rep["n_out_of_fold"] == N_OOF
+    assert (out / "all_images.md").is_file() and json.loads((out / "all_images.json").read_text())["n_images"] == N_OOF + N_TEST
+    fl = rep["models"]["flannel_focal"]
+    assert set(rep["models"]) >= {"flannel_focal", "soft_voting"}
+    # Adult non-COVID images over both parts: the synthetic data has ~30 % adults among non-COVID.
+    ages = np.concatenate([np.load(runs[0] / "good" / f)["age_groups"] for f in ("oof.npz", "test.npz")])
+    ys = np.concatenate([np.load(runs[0] / "good" / f)["y"] for f in ("oof.npz", "test.npz")])
+    assert fl["adult_non_covid_called_covid"]["n"] == int(((ages == "adult") & (ys != 3)).sum())
+    wa = fl["confound"]["within_adults"]
+    assert wa["n"] == int((ages == "adult").sum()) and 0.0 <= wa["ci_low"] <= wa["value"] <= wa["ci_high"] <= 1.0
+    parts = {r["stratum"]: r["n"] for r in fl["strata"]["part"]}
+    assert parts == {"out-of-fold": N_OOF, "test": N_TEST}
+    assert "external" not in fl  # no train-only hold-out in these runs
+    # With a held-out train-only part (external.npz for every learner) its calls are counted.
+    copies = [tmp_path / r.name for r in runs]
+    for src, dst in zip(runs, copies):
+        shutil.copytree(src, dst)
+    rng = np.random.default_rng(5)
+    for d in copies:
+        for learner in d.iterdir():
+            if (learner / "oof.npz").is_file():
+                soft = rng.dirichlet(np.ones(4), (7, F)).astype(np.float32)
+                np.savez(learner / "external.npz", ids=np.array([f"e{i}" for i in range(7)]), soft=soft,
+                         y=np.zeros(7, np.int64), classes=np.array(CLASSES))
+    res2 = run_ensemble({**CFG, "seeds": 1}, copies, tmp_path / "out2")
+    ext = res2["all_images"]["models"]["flannel_focal"]["external"]
+    assert ext["n"] == 7 and sum(ext["predicted"].values()) == 7
