@@ -78,7 +78,8 @@ def classifier_section(name: str, cfg: dict[str, Any]) -> str:
     tr = cfg.get("training") or {}
     seg = cfg.get("segmenter") or {}
     lines = [f"## `{name}/` — patch learners + FLANNEL", "",
-             "- Learners: " + ", ".join(f"`{n}` ({len(cfg['members'][n])} members)" for n in cfg["learners"]) + "; "
+             "- Learners: " + ", ".join(f"`{n}` ({len(cfg['members'][n])} members"
+                                        f"{', whole image' if n.startswith('global-') else ''})" for n in cfg["learners"]) + "; "
              f"distribution `{cfg.get('distribution')}`, K = {(cfg.get('defaults') or {}).get('k')} crops per image.",
              f"- Combiner: `{cfg.get('combiner')}`; calibration: `{(cfg.get('calibration') or {}).get('kind', 'none')}`.",
              f"- Lung masks from `{seg.get('name')}` ({seg.get('convention', 'scr')} convention); the classifier loads "
@@ -91,6 +92,8 @@ def classifier_section(name: str, cfg: dict[str, Any]) -> str:
     if tr.get("calibration"):
         cal = cfg.get("calibration") or {}
         lines.append(f"- Calibration: temperature {cal.get('temperature', 1.0):.3f}; {tr['calibration']}.")
+    for label, text in (tr.get("results") or {}).items():  # measured figures the exporter recorded, with their source
+        lines.append(f"- {label}: {text}.")
     if "test_macro_f1_v01" in tr:
         lines.append(f"- Held-out test macro-F1 of this model in v0.1 (127 images of the 630): {_fmt(tr['test_macro_f1_v01'], 3)}.")
     return "\n".join(lines) + "\n"

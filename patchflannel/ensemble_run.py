@@ -771,7 +771,7 @@ def _claims_md(res: dict[str, Any], row_fl: str, best: str, best_test: str, covi
     lines += [
         "",
         (f"The best single learner `{best}` was chosen on out-of-fold macro-F1 "
-         f"({rows[best]['oof_macro_f1']:.3f}). For context only (a selection on the test set): the single patch "
+         f"({rows[best]['oof_macro_f1']:.3f}). For context only (a selection on the test set): the single "
          f"learner with the highest test macro-F1 is `{best_test}` "
          f"({rows[best_test]['summary']['macro_f1']['mean']:.3f})."),
         "",
@@ -818,7 +818,7 @@ def _shipped_ci(out: Path, results: dict[str, Any], ev: _Evaluation, test: Votes
     first seed (what ``export-ensemble --members folds`` writes) — with 95 % bootstrap CIs over the
     test images (patients resampled), and paired bootstraps FLANNEL − soft voting and FLANNEL − best
     single learner (best on out-of-fold votes). Writes ``OUT/table_shipped.md``."""
-    from .stats import EvalData, bootstrap_metrics, confound_report, paired_bootstrap, sample_age_group, stratified_report
+    from .stats import EvalData, bootstrap_metrics, confound_report, paired_bootstrap, stratified_report
 
     names = {r["key"]: r["name"] for r in results["rows"]}
     data = {k: EvalData(y=test.y, probs=np.asarray(p, dtype=np.float64), classes=tuple(classes), clusters=test.patients)
@@ -854,7 +854,7 @@ def _shipped_ci(out: Path, results: dict[str, Any], ev: _Evaluation, test: Votes
                      f"| {mf['p']:.3f} | {ac['diff']:+.3f} [{ac['ci_low']:+.3f}, {ac['ci_high']:+.3f}] | {ac['p']:.3f} |")
     lines += ["", "A difference whose interval contains 0 is not a demonstrated improvement."]
     # The confound, measured on the shipped row: per source and age group, within-adult AUC.
-    ages = [sample_age_group(patient_id=p, source=src) for p, src in zip(test.patients.tolist(), test.sources.tolist())]
+    ages = _ages(test)
     fl = data["flannel_focal"]
     groups = {"source": test.sources.tolist(), "age_group": ages}
     if test.views is not None:  # the view is a second shortcut (e.g. AP Supine ≈ COVID in the public data)
@@ -927,8 +927,8 @@ def _all_images(out: Path, cfg: dict[str, Any], lset: LearnerSet, oof: Votes, te
     """
     from .stats import EvalData, bootstrap_metrics, confound_report, stratified_report
 
-    if oof.folds is None:
-        return None
+    if oof.folds is None or len(np.unique(oof.folds)) < 2:
+        return None  # no fold ids recorded, or one fold only: nothing to cross-fit on
     keys = ["flannel_focal", "soft_voting", results["claims"]["best_single_key"]]
     by_key = {r.key: r for r in rows}
     y = np.concatenate([oof.y, test.y])
@@ -948,6 +948,8 @@ def _all_images(out: Path, cfg: dict[str, Any], lset: LearnerSet, oof: Votes, te
                 tr, va = inner_validation(rest, oof.y, oof.patients, cfg["val_frac"], cfg["seed"])
                 one = copy.copy(row)
                 one.fits, one.seeds = [], []
+                if "alpha" in one.fit:  # class weights from this fit's own training images only
+                    one.fit = {**one.fit, "alpha": class_balanced_alpha(oof.y[tr], len(lset.classes))}
                 _train(one, oof.P[tr], oof.y[tr], oof.P[va], oof.y[va], {**cfg, "seeds": 1}, torch.device("cpu"))
                 held = oof.folds == f
                 p_oof[held] = _predict(row, oof.P[held], one.fits[0], torch.device("cpu"))[0]
@@ -1107,8 +1109,14 @@ def run_ensemble(
     results = _results(cfg, lset, oof, test, tr, va, alpha, rows, ev, covid, warnings)
     results["calibration"] = _calibrate(out, next(r for r in rows if r.key == "flannel_focal"), oof, test, va)
     results["shipped_configuration"] = _shipped_ci(out, results, ev, test, lset.classes, cfg["seed"])
-    results["all_images"] = _all_images(out, cfg, lset, oof, test, rows, ev, results, covid)
     _write_outputs(out, results, lset, test, rows, ev)
+    try:  # an extra report: its failure must not cost the run's main outputs
+        results["all_images"] = _all_images(out, cfg, lset, oof, test, rows, ev, results, covid)
+    except (DataError, ValueError) as exc:
+        results["all_images"] = None
+        results["warnings"].append(f"all-images report skipped: {exc}")
+        logger.warning("%s", results["warnings"][-1])
+    write_json(out / "results.json", results)
     f1 = {r["key"]: r["summary"]["macro_f1"] for r in results["rows"]}
     logger.info("ensemble: FLANNEL (focal) macro-F1 %.3f ± %.3f (best single %s %.3f, soft voting %.3f); wrote %s",
                 f1["flannel_focal"]["mean"], f1["flannel_focal"]["std"], results["claims"]["best_single_learner"],
@@ -1258,9 +1266,10 @@ def _write_outputs(out: Path, results: dict[str, Any], lset: LearnerSet, test: V
                classes=np.array(classes), learners=np.array(lset.names), P_mean_of_fold_models=test.P.mean(axis=1),
                row_keys=np.array([r["key"] for r in ev.rows]), row_names=np.array([r["name"] for r in ev.rows]),
                flannel_focal_weights=ev.flannel_w_mean if ev.flannel_w_mean is not None else np.zeros((0,)),
+               flannel_learners=np.array(patch_names),
                **{f"proba_{k}": v for k, v in ev.mean_proba.items()})
 
-    ks = sorted({lset.k[n] for n in patch_names})
+    ks = sorted({lset.k[n] for n in results["patch_learners"]})  # whole-image learners vote once (k=1)
     sidecar = {
         "learners": patch_names, "classes": classes, "distribution": lset.distribution,
         "k": ks[0] if len(ks) == 1 else {n: lset.k[n] for n in patch_names},

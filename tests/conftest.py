@@ -66,3 +66,26 @@ def v7_dir(shared_data: Path) -> Path:
     if not (p / "metadata.csv").is_file():
         pytest.skip(f"V7 data not found at {p}")
     return p
+
+
+def shipped_classifier() -> dict:
+    """``weights/ensemble/config.json`` (learners, members), so tests follow whatever classifier ships."""
+    import json
+
+    path = ROOT / "weights" / "ensemble" / "config.json"
+    if not path.is_file():
+        pytest.skip(f"no shipped classifier ({path} absent)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def shipped_patch_member() -> tuple[str, Path]:
+    """The first patch learner of the shipped classifier and its first member model's folder."""
+    import json
+
+    cfg = shipped_classifier()
+    for name in cfg["learners"]:
+        member = ROOT / "weights" / "ensemble" / "learners" / name / cfg["members"][name][0]
+        spec = json.loads((member / "config.json").read_text(encoding="utf-8")).get("input", {})
+        if spec.get("mode", "patch") == "patch":
+            return name, member
+    raise LookupError("the shipped classifier has no patch learner")

@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from conftest import shipped_classifier, shipped_patch_member
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
@@ -245,7 +246,7 @@ def test_patch_inference_smoke(patch_bench: ModuleType, jsrt_dir: Path, tmp_path
 def test_patch_inference_with_a_saved_learner(patch_bench: ModuleType, jsrt_dir: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     # --weights: a learner folder as train-patch and export-ensemble write it; its input spec sets the side.
-    member = SHIPPED_ENSEMBLE / "learners" / "mobilenet_v3_small" / "fold0"
+    name, member = shipped_patch_member()
     if not (member / "model.safetensors").is_file():
         pytest.skip(f"shipped learner {member} absent")
     from patchflannel.learners import Learner
@@ -255,7 +256,7 @@ def test_patch_inference_with_a_saved_learner(patch_bench: ModuleType, jsrt_dir:
                              "--batch-sizes", "1", "--ref-images", "1", "--ref-k", "1", "--warmup", "0", "--repeats", "1",
                              "--threads", "1", "--out-dir", str(tmp_path)])
     assert f"learner_input={side} (from {member})" in capsys.readouterr().out
-    assert {r["learner"] for r in rows} == {"mobilenet_v3_small"} and {r["learner_input"] for r in rows} == {side}
+    assert {r["learner"] for r in rows} == {name} and {r["learner_input"] for r in rows} == {side}
     assert _only_csv(tmp_path, "patch_inference").is_file()
 
 
@@ -301,7 +302,9 @@ def test_predict_smoke(predict_bench: ModuleType, cxr_dir: Path, tmp_path: Path,
     assert "WARNING" not in out
     r = rows[0]
     assert r["images"] == "2" and r["k"] == "2" and r["threads"] == "1"
-    assert r["learners"] == "mnasnet0_5+mobilenet_v3_small+shufflenet_v2_x1_0" and r["models_per_learner"] == "3/3/3"
+    shipped = shipped_classifier()
+    assert r["learners"] == "+".join(shipped["learners"])
+    assert r["models_per_learner"] == "/".join(str(len(shipped["members"][n])) for n in shipped["learners"])
     assert float(r["images_per_s"]) == pytest.approx(2 / float(r["seconds"]), rel=1e-4)
     assert float(r["ms_per_image"]) == pytest.approx(1e3 * float(r["seconds"]) / 2, rel=1e-4)
     folds = [int(f) for f in r["models_per_learner"].split("/")]

@@ -19,6 +19,7 @@ from typer.testing import CliRunner, Result
 
 from patchflannel import __version__
 from patchflannel.cli import app
+from conftest import shipped_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -140,7 +141,7 @@ def test_predict_writes_a_row_json_and_overlay_per_image(predicted: tuple[Path, 
         assert 0.05 < float(r["lung_fraction"]) < 0.8
         j = json.loads((out / "json" / f"{r['name']}.json").read_text())
         assert j["status"] == "ok" and j["k"] == 8 and j["label"] == r["label"]
-        assert set(j["learners"]) == {"mnasnet0_5", "mobilenet_v3_small", "shufflenet_v2_x1_0"}
+        assert set(j["learners"]) == set(shipped_classifier()["learners"])
         assert len(j["crop_centres_1024"]) == 8
         assert j["probabilities"][r["label"]] == pytest.approx(float(r["confidence"]), abs=1e-4)
         img = cv2.imread(str(Path(r["file"])), cv2.IMREAD_GRAYSCALE)

@@ -26,6 +26,7 @@ from patchflannel.explain import (
 from patchflannel.io import read_image, resize
 from patchflannel.learners import InputSpec, Learner, create_learner, learner_info
 from patchflannel.pipeline import Classifier
+from conftest import shipped_patch_member
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -100,7 +101,7 @@ def test_target_layer_is_the_last_conv_block(name: str, layer: str) -> None:
 
 
 def test_batched_equals_per_crop_loop() -> None:
-    model = Learner.from_pretrained(ROOT / "weights" / "ensemble" / "learners" / "mobilenet_v3_small" / "fold0")
+    model = Learner.from_pretrained(shipped_patch_member()[1])
     x = torch.rand(6, 1, 112, 112, generator=torch.Generator().manual_seed(0))
     cams, logits = gradcam(model, x)
     assert cams.shape[:2] == (6, 4) and cams.min() >= 0 and cams.max() <= 1
@@ -304,7 +305,7 @@ def test_cli_explain_and_predict_explain(tmp_path: Path, images: list[np.ndarray
         assert heat.dtype == np.uint8 and heat.shape == im.shape and heat.max() == 255 and heat.min() == 0
         assert (out / "overlays" / f"{stem}_explain.png").stat().st_size > 10_000
         doc = json.loads((out / "json" / f"{stem}.json").read_text(encoding="utf-8"))
-        assert len(doc["crop_probabilities"]["mnasnet0_5"]["probs"]) == 4
+        assert len(doc["crop_probabilities"][shipped_patch_member()[0]]["probs"]) == 4
     assert not (out / "heatmaps" / "broken.png").exists()
 
     out2 = tmp_path / "pr"
@@ -312,7 +313,7 @@ def test_cli_explain_and_predict_explain(tmp_path: Path, images: list[np.ndarray
     assert res.exit_code == 0, res.output
     doc = json.loads((out2 / "json" / f"{SAMPLE_A.stem}.json").read_text(encoding="utf-8"))
     assert doc["explanation"]["class"] == doc["label"]
-    probs = doc["crop_probabilities"]["shufflenet_v2_x1_0"]["probs"]
+    probs = doc["crop_probabilities"][shipped_patch_member()[0]]["probs"]
     assert len(probs) == 4 and all(abs(sum(p) - 1) < 1e-4 for p in probs)
     assert cv2.imread(str(out2 / "heatmaps" / f"{SAMPLE_A.stem}.png"), cv2.IMREAD_UNCHANGED).shape == images[0].shape
     assert (out2 / "overlays" / f"{SAMPLE_A.stem}_explain.png").is_file()

@@ -516,3 +516,33 @@ def test_make_inputs_rejects_float_images() -> None:
     with pytest.raises(ValueError, match="one per image"):
         make_inputs(images, masks, InputSpec(patch_size=32, learner_input=16), k=2,
                     generators=[torch.Generator(), torch.Generator()])
+
+
+def test_lung_zscore_matches_the_float_formula() -> None:
+    """The histogram/lookup-table version gives what the per-pixel float formula gives (to one grey
+    level at a rounding tie), keeps images without lung pixels, and floors the std."""
+    from patchflannel.learners import lung_zscore
+
+    def reference(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        x, m = images.double(), masks.double()
+        n = m.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
+        mean = (x * m).sum(dim=(1, 2, 3), keepdim=True) / n
+        std = ((((x - mean) * m) ** 2).sum(dim=(1, 2, 3), keepdim=True) / n).sqrt().clamp_min(1.0)
+        z = ((x - mean) / std * 0.2 * 255 + 0.5 * 255).round().clamp(0, 255)
+        return torch.where(n > 1, z, x).to(torch.uint8)
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 1, 64, 64), generator=g, dtype=torch.uint8)
+    images[3] = 90  # constant lung: std floored at one grey level
+    masks = torch.rand(5, 1, 64, 64, generator=g) < 0.4
+    masks[1] = False  # no lung pixel: unchanged
+    masks[2] = False
+    masks[2, 0, 10, 10] = True  # one lung pixel: unchanged
+    out = lung_zscore(images, masks)
+    ref = reference(images, masks)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert torch.equal(out[1], images[1]) and torch.equal(out[2], images[2])
+    assert torch.equal(out[3], torch.full_like(out[3], 128))  # (90 − 90) / 1 · 51 + 127.5 → 128
+    assert (out.int() - ref.int()).abs().max() <= 1 and (out == ref).float().mean() > 0.999
+    lung = out[0][masks[0]].double()
+    assert abs(lung.mean().item() - 127.5) < 1.0 and abs(lung.std().item() - 51.0) < 1.0
