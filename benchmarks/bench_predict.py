@@ -271,6 +271,8 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
     info = common.machine_info(device)
     folds = [len(clf.learners[n]) for n in clf.names]
     n_models = sum(folds)
+    # a patch member forwards K crops per image, a whole-image member one image
+    forwards = sum((1 if clf.learners[n][0].input_spec.mode == "global" else args.k) * f for n, f in zip(clf.names, folds))
     spec = first_patch_spec(clf)
     factor = spec.factor if spec.mode == "patch" else 1
     seg_cfg = clf.segmenter.config
@@ -285,7 +287,7 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
             f"(default K={ensemble_k}); calibration {clf.calibrator.to_dict().get('kind')}")
     print(f"patches: K={args.k} per image, patch_size={spec.patch_size} at 1024², learner_input={spec.learner_input} "
           f"(images shrunk ×{factor} once), mask_outside={spec.mask_outside}, chunk={CHUNK} → "
-          f"{args.k * n_models} crop forwards per image")
+          f"{forwards} crop/image forwards per image")
     print(f"segmenter {seg_name}: encoder {seg_cfg.get('encoder', '?')}, net input {clf.segmenter.preprocess.size}²")
     print(f"images={len(paths)} from {args.data} ({selection}); labels: "
           + ", ".join(f"{c} {v}" for c, v in sorted(Counter(r.label for r in records).items()))
@@ -294,7 +296,7 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
 
     base = {"path": "read+predict", "learners": "+".join(clf.names), "n_learners": len(clf.names),
             "fold_models": n_models, "models_per_learner": "/".join(map(str, folds)),
-            "crop_forwards_per_image": args.k * n_models, "ensemble_k": ensemble_k, "distribution": dist_key,
+            "crop_forwards_per_image": forwards, "ensemble_k": ensemble_k, "distribution": dist_key,
             "patch_size": spec.patch_size, "learner_input": spec.learner_input, "shrink_factor": factor,
             "mask_outside": spec.mask_outside, "chunk_size": CHUNK,
             "seg_encoder": seg_cfg.get("encoder"), "seg_net_size": clf.segmenter.preprocess.size,

@@ -86,7 +86,8 @@ def classifier_section(name: str, cfg: dict[str, Any]) -> str:
              "that segmenter by default, since its learners saw those masks.",
              f"- Training: {tr.get('data') or tr.get('runs')}.",
              "- **Known confound**: nearly all non-COVID images are pediatric (Kaggle) and nearly all COVID images adult; "
-             "COVID-vs-rest scores mostly measure age/source (see `docs/results.md`). Not for clinical use."]
+             "COVID-vs-rest scores partly measure age/source — judge them by the within-adult figures (see `docs/results.md`). "
+             "Not for clinical use."]
     if tr.get("note"):
         lines.append(f"- Note: {tr['note']}.")
     if tr.get("calibration"):

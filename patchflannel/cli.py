@@ -471,7 +471,9 @@ def train_patch(
             return
         from .data import CLASSES
 
-        table = Table(title=f"held-out test part, K={cfg.k}: refit model (mean of fold models)")
+        refit = any(m.get("test_refit") for m in results.values())
+        table = Table(title=f"held-out test part, K={cfg.k}: "
+                            + ("refit model (mean of fold models)" if refit else "mean of fold models"))
         table.add_column("learner")
         for c in CLASSES:
             table.add_column(f"F1 {c}")
@@ -481,7 +483,8 @@ def train_patch(
             main = m.get("test_refit") or m["test_mean_of_fold_models"]
             folds = m["test_mean_of_fold_models"]
             table.add_row(name, *[f"{main['per_class'][c]['f1']:.3f}" for c in CLASSES],
-                          f"{main['macro_f1']:.3f} ({folds['macro_f1']:.3f})", f"{m['oof']['macro_f1']:.3f}")
+                          f"{main['macro_f1']:.3f}" + (f" ({folds['macro_f1']:.3f})" if refit else ""),
+                          f"{m['oof']['macro_f1']:.3f}")
         out.print(table)
         out.print(f"run folder: {run_dir} (per learner: oof.npz, test.npz, metrics.json, confusion_test.png)")
 

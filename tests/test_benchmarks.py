@@ -309,7 +309,8 @@ def test_predict_smoke(predict_bench: ModuleType, cxr_dir: Path, tmp_path: Path,
     assert float(r["ms_per_image"]) == pytest.approx(1e3 * float(r["seconds"]) / 2, rel=1e-4)
     folds = [int(f) for f in r["models_per_learner"].split("/")]
     assert len(folds) == int(r["n_learners"]) and sum(folds) == int(r["fold_models"])
-    assert int(r["crop_forwards_per_image"]) == 2 * int(r["fold_models"])
+    per_image = sum((1 if n.startswith("global-") else 2) * len(shipped["members"][n]) for n in shipped["learners"])
+    assert int(r["crop_forwards_per_image"]) == per_image  # K = 2 crops per patch member, one image per whole-image member
     assert int(r["shrink_factor"]) == int(r["patch_size"]) // int(r["learner_input"])
     stages = [float(r[f"{s}_ms"]) for s in predict_bench.STAGES]
     assert all(v >= 0 for v in stages) and float(r["forward_ms"]) > 0 and float(r["segment_ms"]) > 0
