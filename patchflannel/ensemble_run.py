@@ -925,7 +925,7 @@ def _all_images(out: Path, cfg: dict[str, Any], lset: LearnerSet, oof: Votes, te
     learner; and what the shipped rows call the held-out train-only images (``external.npz``), e.g.
     JSRT adults without pneumonia. Writes ``OUT/all_images.md``; None when the vote files lack fold ids.
     """
-    from .stats import EvalData, bootstrap_metrics, confound_report, stratified_report
+    from .stats import EvalData, bootstrap_metrics, confound_report, plot_strata, score_groups, stratified_report
 
     if oof.folds is None or len(np.unique(oof.folds)) < 2:
         return None  # no fold ids recorded, or one fold only: nothing to cross-fit on
@@ -977,6 +977,13 @@ def _all_images(out: Path, cfg: dict[str, Any], lset: LearnerSet, oof: Votes, te
             entry["external"] = {"n": n_e, "predicted": {c: int((pe == j).sum()) for j, c in enumerate(lset.classes)},
                                  "called_covid_ci95": list(_wilson(int((pe == covid).sum()), n_e))}
         report["models"][key] = entry
+        if key == "flannel_focal":  # the picture: accuracy per stratum, p_covid by age group × truth
+            try:
+                plot_strata({"positive": lset.classes[covid], "strata": entry["strata"],
+                             "metrics": {"accuracy": entry["overall"]["accuracy"]}},
+                            score_groups(d, ages), out / "all_images_strata.png")
+            except ImportError:  # matplotlib missing: the tables stand alone
+                pass
     write_json(out / "all_images.json", report)
     write_text(out / "all_images.md", _all_images_md(report, lset.classes[covid]))
     return report

@@ -600,6 +600,7 @@ def test_all_images_report_scores_every_image_out_of_fold(ran: tuple[list[Path],
     rep = results["all_images"]
     assert rep["n_images"] == N_OOF + N_TEST and rep["n_out_of_fold"] == N_OOF
     assert (out / "all_images.md").is_file() and json.loads((out / "all_images.json").read_text())["n_images"] == N_OOF + N_TEST
+    assert (out / "all_images_strata.png").stat().st_size > 10_000  # accuracy per stratum, p_covid by group
     fl = rep["models"]["flannel_focal"]
     assert set(rep["models"]) >= {"flannel_focal", "soft_voting"}
     # Adult non-COVID images over both parts: the synthetic data has ~30 % adults among non-COVID.

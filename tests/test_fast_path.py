@@ -140,7 +140,9 @@ def test_fast_default_agrees_with_exact_on_the_samples(shipped: Classifier) -> N
         assert (e.path, e.backend, e.k, e.k_max) == ("exact", "torch", 100, 100)
         assert f.path == "fast" and f.backend == "onnx" and 32 <= f.k <= 100 and f.k_max == 100
         assert f.label == e.label
-        assert float(np.abs(f.probs - e.probs).mean()) <= 0.01
+        # the stop rule aims at a mean |Δp| of 0.007 per image (calibrated); over the 193 test images the
+        # v0.3 classifier's mean is 0.004 and its worst single class difference 0.038 (docs/results.md §7)
+        assert float(np.abs(f.probs - e.probs).mean()) <= 0.02
         np.testing.assert_array_equal(f.centres, e.centres[:f.k])  # the first k crops of the exact path's
 
 
