@@ -93,7 +93,7 @@ def classifier_section(name: str, cfg: dict[str, Any]) -> str:
     if tr.get("calibration"):
         cal = cfg.get("calibration") or {}
         lines.append(f"- Calibration: temperature {cal.get('temperature', 1.0):.3f}; {tr['calibration']}.")
-    for label, text in (tr.get("results") or {}).items():  # measured figures the exporter recorded, with their source
+    for label, text in (tr.get("results") or {}).items():  # what `ensemble` measured for this model (export-ensemble copies it into training.results)
         lines.append(f"- {label}: {text}.")
     if "test_macro_f1_v01" in tr:
         lines.append(f"- Held-out test macro-F1 of this model in v0.1 (127 images of the 630): {_fmt(tr['test_macro_f1_v01'], 3)}.")

@@ -957,16 +957,11 @@ def _all_images(out: Path, cfg: dict[str, Any], lset: LearnerSet, oof: Votes, te
             p_oof = _predict(row, oof.P, None, torch.device("cpu"))[0]
         probs = np.concatenate([p_oof, ev.mean_proba[key]])
         d = EvalData(y=y, probs=probs, classes=tuple(lset.classes), clusters=patients)
-        pred = probs.argmax(1)
-        adult_neg = (np.array(ages) == "adult") & (y != covid)
-        called = int((pred[adult_neg] == covid).sum())
-        lo, hi = _wilson(called, int(adult_neg.sum()))
         entry: dict[str, Any] = {
             "name": row.name,
             "overall": bootstrap_metrics(d, n_resamples, cfg["seed"]),
             "confound": confound_report(d, ages, n_resamples, cfg["seed"]),
-            "adult_non_covid_called_covid": {"n": int(adult_neg.sum()), "called": called,
-                                             "fraction": called / max(1, int(adult_neg.sum())), "ci95": [lo, hi]},
+            "adult_non_covid_called_covid": source_confound(probs.argmax(1), y, sources, covid)["adult_non_covid"],
             "strata": stratified_report(d, {"age_group": ages, "source": sources.tolist(), "part": part.tolist()},
                                         n_resamples, cfg["seed"]),
         }
@@ -1009,7 +1004,7 @@ def _all_images_md(rep: Mapping[str, Any], covid_name: str) -> str:
         ext = (f"{e['predicted'][covid_name]}/{e['n']} [{e['called_covid_ci95'][0]:.2f}, {e['called_covid_ci95'][1]:.2f}]; "
                f"normal {e['predicted'].get('normal', 0)}/{e['n']}" if e else "–")
         lines.append(f"| {m['name']} | {ci(m['overall']['macro_f1'])} | {ci(m['confound']['within_adults'])} | "
-                     f"{a['called']}/{a['n']} = {a['fraction']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] | "
+                     f"{a['predicted_covid']}/{a['n']} = {a['fraction']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] | "
                      f"{ci(m['confound']['adult_vs_pediatric_negatives'])} | {ext} |")
     for m in rep["models"].values():
         lines += ["", f"## {m['name']}: per group", "", "| group | stratum | n | patients | macro-F1 | accuracy | "
@@ -1345,6 +1340,39 @@ def load_flannel(path: str | os.PathLike[str], device: str | torch.device = "cpu
 # --------------------------------------------------------------------------- shipping
 
 
+def _measured_figures(src: Path) -> dict[str, str]:
+    """One-line summaries of what ``ensemble`` measured for the exported FLANNEL (read from its
+    ``results.json`` / ``all_images.json``), for the classifier's config and model card."""
+    import json
+
+    def ci(m: Mapping[str, Any]) -> str:
+        return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+    out: dict[str, str] = {}
+    try:
+        res = json.loads((src / "results.json").read_text(encoding="utf-8"))
+        row = res["shipped_configuration"]["rows"]["flannel_focal"]
+        out[f"Held-out test part ({res['n_images']['test']} images), as shipped"] = (
+            f"macro-F1 {ci(row['macro_f1'])}, accuracy {ci(row['accuracy'])} (`ensemble`'s table_shipped.md)")
+        cal = res.get("calibration") or {}
+        if "test_ece_raw" in cal:
+            out["Calibration (test)"] = (f"ECE {cal['test_ece_raw']:.3f} raw → {cal['test_ece_calibrated']:.3f} "
+                                         f"with the temperature {cal['temperature']:.3f}")
+        every = (res.get("all_images") or {}).get("models", {}).get("flannel_focal")
+        if every:
+            a, text = every["adult_non_covid_called_covid"], [f"macro-F1 {ci(every['overall']['macro_f1'])}"]
+            if np.isfinite(every["confound"]["within_adults"].get("value", math.nan)):
+                text.append(f"within-adult COVID-vs-rest AUC {ci(every['confound']['within_adults'])}")
+            text.append(f"adult non-COVID called COVID {a['predicted_covid']}/{a['n']}")
+            if every.get("external"):
+                e = every["external"]
+                text.append(f"held-out train-only images called normal {e['predicted'].get('normal', 0)}/{e['n']}")
+            out[f"All {res['all_images']['n_images']} labelled images out of fold"] = "; ".join(text) + " (all_images.md)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return out  # an older ensemble folder: export without the summary
+    return out
+
+
 def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathLike[str], members: str = "folds",
                       half: bool = True) -> Path:
     """Build the :class:`~patchflannel.pipeline.Classifier` an ensemble run describes and save it to ``dest``.
@@ -1415,6 +1443,9 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
               "training": {"ensemble_dir": str(src.resolve()), "runs": cfg["runs"], "members": members,
                            "combiner": {key: ccfg.get(key) for key in ("gamma", "alpha", "seed", "best_epoch",
                                                                         "val_macro_f1", "test_macro_f1", "training_data")}}}
+    measured = _measured_figures(src)
+    if measured:
+        config["training"]["results"] = measured
     calib = Calibrator.from_dict(None)
     if (src / "calibration.json").exists():
         import json

@@ -469,6 +469,9 @@ def test_export_classifier_round_trip(ran: tuple[list[Path], Path, dict[str, Any
     assert cfg["task"] == "cxr_classifier" and cfg["classes"] == CLASSES and cfg["learners"] == PATCH_LEARNERS
     assert cfg["members"] == {n: ["fold0", "fold1"] for n in PATCH_LEARNERS}
     assert cfg["defaults"]["k"] == K and cfg["training"]["members"] == "folds"
+    measured = cfg["training"]["results"]  # what ensemble measured travels with the weights
+    assert any(k.startswith("Held-out test part") and v.startswith("macro-F1 ") for k, v in measured.items())
+    assert any(k.startswith("All ") and "within-adult COVID-vs-rest AUC" in v for k, v in measured.items())
     calibration = json.loads((out / "calibration.json").read_text())
     assert cfg["calibration"]["kind"] == "temperature"
     assert cfg["calibration"]["temperature"] == pytest.approx(calibration["temperature"])
