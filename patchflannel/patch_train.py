@@ -240,7 +240,10 @@ def train_model(name: str, data: CxrData, train_idx: list[int], val_idx: list[in
     refit = val_idx is None
     settings = LoopSettings(epochs=epochs or t.epochs, patience=t.patience if not refit else 10**6,
                             monitor="epoch" if refit else "val_macro_f1", lr_patience=None if refit else t.lr_patience)
-    run_cfg = {"config": cfg.model_dump(mode="json"), "learner": name, "seed": seed, "epochs": settings.epochs,
+    # A fold run's length is train.epochs (resumable: raise it to train longer); a refit's is fixed by the
+    # folds' best epochs, so it is part of what the checkpoint must match.
+    run_cfg = {"config": cfg.model_dump(mode="json"), "learner": name, "seed": seed,
+               **({"refit_epochs": settings.epochs} if refit else {}),
                "train_ids": [data.ids[i] for i in train_idx], "val_ids": [data.ids[i] for i in val_idx or []]}
     trainer = Trainer(model, opt, settings, run_dir=out_dir, config=run_cfg, dist=dist, precision=precision,
                       name=label or name, restart=restart)
@@ -384,7 +387,8 @@ def run_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrain
                                   restart=restart, label=f"{name} fold {f}")
         best_epochs.append(info["best_epoch"])
         done = fdir / "votes.npz"
-        key = f"{info['hash']}|k={cfg.k}|{split['fingerprint']}"
+        # the best epoch is in the key: training a finished fold longer may pick another best model
+        key = f"{info['hash']}|best={info['best_epoch']}|k={cfg.k}|{split['fingerprint']}"
         cached = _read_votes(done, key)
         if cached is None:
             os_, oh = votes(model, data, folds[f], cfg.k, cfg.seed, dist, track=track, what=f"{name} fold {f} OOF votes")
@@ -403,9 +407,15 @@ def run_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrain
     if cfg.train.refit and cfg.split.run_folds is None:
         epochs = int(np.median(best_epochs))
         train_all = [i for fi in folds for i in fi] + split["train_only_idx"]
-        model, info = train_model(name, data, train_all, None, cfg, ldir / "refit", dist, precision, epochs=epochs,
-                                  seed=cfg.seed + 7, track=track, restart=restart, label=f"{name} refit")
-        key = f"{info['hash']}|k={cfg.k}|{split['fingerprint']}"
+        refit_args = (name, data, train_all, None, cfg, ldir / "refit", dist, precision)
+        try:
+            model, info = train_model(*refit_args, epochs=epochs, seed=cfg.seed + 7, track=track, restart=restart,
+                                      label=f"{name} refit")
+        except ResumeError:  # the folds were trained longer and their median best epoch moved: the refit is redone
+            log.info("%s refit: the folds' median best epoch is now %d; retraining the refit model", name, epochs)
+            model, info = train_model(*refit_args, epochs=epochs, seed=cfg.seed + 7, track=track, restart=True,
+                                      label=f"{name} refit")
+        key = f"{info['hash']}|best={info['best_epoch']}|k={cfg.k}|{split['fingerprint']}"
         cached = _read_votes(ldir / "refit" / "votes.npz", key)
         if cached is None:
             rs, rh = votes(model, data, test_idx + ext_idx, cfg.k, cfg.seed, dist, track=track, what=f"{name} refit test votes")
@@ -487,11 +497,12 @@ def train_patch_run(cfg: PatchTrainConfig, data: CxrData, run_dir: str | os.Path
 
         old = yaml.safe_load(cfg_file.read_text()) or {}
         now = cfg.model_dump(mode="json")
-        same = {k: v for k, v in now.items() if k != "learners"} == {k: v for k, v in old.items() if k != "learners"}
-        if not same:
-            from .config import diff_configs
+        from .config import diff_configs
+        from .training import RESUMABLE_KEYS
 
-            changes = [c for c in diff_configs(old, now) if not c.startswith("learners")]
+        changes = [c for c in diff_configs(old, now)
+                   if not c.startswith("learners") and c.split(":")[0] not in RESUMABLE_KEYS]
+        if changes:
             raise ResumeError(f"{run_dir} holds a run with another config ({'; '.join(changes[:6])}); use another "
                               "--run-dir or pass --restart")
     split = prepare_split(data, cfg, run_dir, dist, rebuild_split)

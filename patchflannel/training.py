@@ -15,8 +15,8 @@
   scaler, history: tensors and plain types only, loaded with
   ``torch.load(weights_only=True)``), ``RUN/history.csv``;
 * resume: a run folder with a checkpoint continues from it, but only when the
-  config is the same (except ``epochs`` and ``patience``, which may be raised
-  to train longer); otherwise :class:`~patchflannel.errors.ResumeError` lists
+  config is the same (except ``train.epochs`` and ``train.patience``, which may
+  be raised to train longer, and ``split.run_folds``); otherwise :class:`~patchflannel.errors.ResumeError` lists
   what changed;
 * ``torch.distributed``: the model is wrapped in DistributedDataParallel,
   each rank runs its share of every global batch, only rank 0 writes files,
@@ -53,7 +53,12 @@ log = logging.getLogger(__name__)
 __all__ = ["LoopSettings", "TrainResult", "Trainer", "epoch_batches", "item_seed", "no_track"]
 
 Track = Callable[[Iterable[Any], str, "int | None"], Iterable[Any]]
-RESUMABLE_KEYS = frozenset({"train.epochs", "train.patience"})
+# Raising these resumes a run instead of refusing it ("train longer"; a fold-0 screen completed to
+# every fold). Matched at the top level of a run's config and under "config." (train-patch nests it).
+RESUMABLE_KEYS = frozenset({"train.epochs", "train.patience", "split.run_folds"})
+_RESUMABLE = RESUMABLE_KEYS | {f"config.{k}" for k in RESUMABLE_KEYS}
+# Checkpoints of v0.3 train-patch folds also hashed a top-level "epochs" (their train.epochs).
+_LEGACY_RESUMABLE = frozenset({"epochs"})
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 2
 
@@ -128,7 +133,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.config = config
         self.config_dict = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config or {})
-        self.hash = config_hash(self.config_dict, RESUMABLE_KEYS)
+        self.hash = config_hash(self.config_dict, _RESUMABLE)
         model.to(self.device)
         if self.dist.enabled:
             if settings.sync_bn and self.device.type == "cuda":
@@ -172,11 +177,13 @@ class Trainer:
             import json
 
             old = json.loads(ck.get("config_json", "{}"))
-            changes = [c for c in diff_configs(old, self.config_dict) if c.split(":")[0] not in RESUMABLE_KEYS]
-            raise ResumeError(
-                f"{path.parent}: this run was started with another config, so it cannot resume "
-                f"({'; '.join(changes[:6]) or 'config differs'}). Use another --run-dir, pass --restart to "
-                f"discard the checkpoint, or rerun with the run's own config ({path.parent / 'config.yaml'}).")
+            changes = [c for c in diff_configs(old, self.config_dict)
+                       if c.split(":")[0] not in _RESUMABLE | _LEGACY_RESUMABLE]
+            if changes or not old:
+                raise ResumeError(
+                    f"{path.parent}: this run was started with another config, so it cannot resume "
+                    f"({'; '.join(changes[:6]) or 'config differs'}). Use another --run-dir, pass --restart to "
+                    f"discard the checkpoint, or rerun with the run's own config ({path.parent / 'config.yaml'}).")
         try:
             self.module.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])

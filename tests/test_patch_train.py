@@ -3,6 +3,7 @@ and one small real end-to-end `train_patch_run` on a tiny cache of real radiogra
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -276,6 +277,20 @@ def test_train_patch_run_end_to_end_and_rerun_reuses_folds(tiny: dict, tmp_path:
     with pytest.raises(ResumeError, match="another config"):
         train_patch_run(other, data, run)
     assert os.path.getsize(ldir / "oof.npz") > 0
+
+    # train longer: a larger train.epochs resumes every fold from its checkpoint (the folder is not refused),
+    # votes are redone only for a fold whose best model changed, and the refit follows the new median best epoch
+    monkeypatch.undo()
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2, "patience": 5})})
+    res2 = train_patch_run(longer, data, run)
+    for f in (0, 1):
+        hist = list(csv.DictReader((ldir / f"fold{f}" / "history.csv").open()))
+        assert [int(h["epoch"]) for h in hist] == [1, 2]
+        votes_key = str(np.load(ldir / f"fold{f}" / "votes.npz")["key"])
+        assert f"|best={json.loads((ldir / f'fold{f}' / 'best' / 'config.json').read_text())['training']['best_epoch']}|" \
+            in votes_key
+    assert json.loads((ldir / "metrics.json").read_text())["best_epochs"] == res2[LEARNER]["best_epochs"]
+    assert res2[LEARNER]["refit_epochs"] == int(np.median(res2[LEARNER]["best_epochs"]))
 
 
 @pytest.mark.data
