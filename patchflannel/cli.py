@@ -529,8 +529,11 @@ def ensemble(
             out.print((out_dir / "claims.md").read_text(encoding="utf-8"))
         cal = res.get("calibration") or {}
         if cal:
+            fl = cal.get("test_ece_floor") or {}
+            floor = (f" (a perfectly calibrated model: {fl['median']:.3f} [{fl['low']:.3f}, {fl['high']:.3f}] "
+                     f"on {fl['n_images']} images)" if fl else "")
             out.print(f"calibration (temperature {cal['temperature']:.3f}, fitted out of fold): test ECE "
-                      f"{cal['test_ece_raw']:.3f} → {cal['test_ece_calibrated']:.3f}")
+                      f"{cal['test_ece_raw']:.3f} → {cal['test_ece_calibrated']:.3f}{floor}")
         out.print(f"ensemble folder: {out_dir}; ship it with `patchflannel export-ensemble {out_dir} --to DIR`")
         dist.barrier()
 

@@ -1020,7 +1020,7 @@ def _all_images_md(rep: Mapping[str, Any], covid_name: str) -> str:
 def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> dict[str, Any]:
     """Temperature for the shipped FLANNEL (first seed) fitted on the ensemble-validation part of the
     out-of-fold votes (never on test); ECE/Brier on the test votes (mean of fold models) before and after."""
-    from .calibrate import brier_score, expected_calibration_error, fit_calibrator
+    from .calibrate import brier_score, ece_noise_floor, expected_calibration_error, fit_calibrator
 
     model = row.fits[0].model.cpu().eval()
     with torch.no_grad():
@@ -1032,6 +1032,8 @@ def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> 
     summary = {**cal.to_dict(), "fitted_on": f"ensemble-validation part of the out-of-fold votes ({len(va)} images)",
                "test_ece_raw": expected_calibration_error(raw, test.y),
                "test_ece_calibrated": expected_calibration_error(calibrated, test.y),
+               # what a perfectly calibrated model with these confidences would show on this many images
+               "test_ece_floor": ece_noise_floor(calibrated, seed=0),
                "test_brier_raw": brier_score(raw, test.y), "test_brier_calibrated": brier_score(calibrated, test.y),
                "test_mean_confidence_raw": float(raw.max(1).mean()),
                "test_mean_confidence_calibrated": float(calibrated.max(1).mean()),
@@ -1358,6 +1360,10 @@ def _measured_figures(src: Path) -> dict[str, str]:
         if "test_ece_raw" in cal:
             out["Calibration (test)"] = (f"ECE {cal['test_ece_raw']:.3f} raw → {cal['test_ece_calibrated']:.3f} "
                                          f"with the temperature {cal['temperature']:.3f}")
+            if "test_ece_floor" in cal:
+                fl = cal["test_ece_floor"]
+                out["Calibration (test)"] += (f"; a perfectly calibrated model would show {fl['median']:.3f} "
+                                              f"[{fl['low']:.3f}, {fl['high']:.3f}] on these {fl['n_images']} images")
         every = (res.get("all_images") or {}).get("models", {}).get("flannel_focal")
         if every:
             a, text = every["adult_non_covid_called_covid"], [f"macro-F1 {ci(every['overall']['macro_f1'])}"]

@@ -13,6 +13,7 @@ import torch
 from patchflannel.calibrate import (
     Calibrator,
     brier_score,
+    ece_noise_floor,
     expected_calibration_error,
     fit_calibrator,
     reliability,
@@ -132,6 +133,23 @@ def test_ece_hand_computed() -> None:
     # Confidence exactly on a bin edge belongs to the lower bin (right-closed): 0.5 in (0.4,0.5] of 10 bins.
     rel = reliability(np.array([[0.5, 0.5]]), np.array([0]), bins=10)
     assert rel["count"][4] == 1 and sum(rel["count"]) == 1
+
+
+def test_ece_noise_floor_of_a_perfectly_calibrated_model() -> None:
+    # Labels drawn from the probabilities themselves: calibrated by construction, yet ECE > 0 on a small set.
+    logits, y = overconfident(n=200, scale=1.0, seed=3)
+    p = softmax(logits)
+    floor = ece_noise_floor(p, n_sim=400, seed=1)
+    assert 0 < floor["low"] < floor["median"] < floor["high"] and floor["n_images"] == 200
+    assert floor["low"] <= expected_calibration_error(p, y) <= floor["high"]
+    # The floor shrinks like 1/sqrt(n): 25× the images, about a fifth of the floor.
+    big = ece_noise_floor(np.tile(p, (25, 1)), n_sim=50, seed=1)
+    assert big["median"] < floor["median"] / 3
+    # A model that is wrong about its confidence sits far above its own floor.
+    sharp = softmax(logits * 4)
+    assert expected_calibration_error(sharp, y) > ece_noise_floor(sharp, n_sim=200)["high"]
+    # Same seed, same answer.
+    assert ece_noise_floor(p, n_sim=50, seed=7) == ece_noise_floor(p, n_sim=50, seed=7)
 
 
 def test_brier_hand_computed() -> None:

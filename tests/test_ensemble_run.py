@@ -383,6 +383,11 @@ def test_calibration_json(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
     assert cal["test_ece_raw"] == pytest.approx(expected_calibration_error(raw, y), abs=1e-9)
     assert cal["test_ece_calibrated"] == pytest.approx(expected_calibration_error(calibrated, y), abs=1e-9)
     assert cal["test_brier_calibrated"] == pytest.approx(brier_score(calibrated, y), abs=1e-9)
+    # ... and the ECE floor is the calibrated confidences' own (labels drawn from them), on the same images
+    from patchflannel.calibrate import ece_noise_floor
+
+    assert cal["test_ece_floor"] == pytest.approx(ece_noise_floor(calibrated, seed=0))
+    assert cal["test_ece_floor"]["n_images"] == len(y)
     # A temperature never changes the predicted class.
     assert cal["test_accuracy"] == pytest.approx(float((calibrated.argmax(1) == y).mean()))
     assert str(len(json.loads((out / "split.json").read_text())["val"])) in cal["fitted_on"]
