@@ -85,6 +85,7 @@ Track = Callable[[Iterable[T], str, "int | None"], Iterable[T]]
 
 POSITIVE = "covid"
 GLOBAL_PREFIX = "global-"
+QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)  # how the top-class probability's spread is reported
 # Below this many adult non-COVID test images the source-confound rate is not interpreted.
 MIN_CONFOUND_N = 10
 
@@ -1037,6 +1038,9 @@ def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> 
                "test_brier_raw": brier_score(raw, test.y), "test_brier_calibrated": brier_score(calibrated, test.y),
                "test_mean_confidence_raw": float(raw.max(1).mean()),
                "test_mean_confidence_calibrated": float(calibrated.max(1).mean()),
+               # the spread of the top-class probability (min, 10/25/50/75/90 %, max): does it use the range?
+               "test_top_probability_quantiles_calibrated": np.quantile(calibrated.max(1), QUANTILES).tolist(),
+               "test_top_probability_quantiles_raw": np.quantile(raw.max(1), QUANTILES).tolist(),
                "test_accuracy": float((raw.argmax(1) == test.y).mean())}
     write_json(out / "calibration.json", summary)
     return summary

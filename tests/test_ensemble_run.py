@@ -388,6 +388,8 @@ def test_calibration_json(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
 
     assert cal["test_ece_floor"] == pytest.approx(ece_noise_floor(calibrated, seed=0))
     assert cal["test_ece_floor"]["n_images"] == len(y)
+    assert cal["test_top_probability_quantiles_calibrated"] == pytest.approx(
+        np.quantile(calibrated.max(1), [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1]).tolist())
     # A temperature never changes the predicted class.
     assert cal["test_accuracy"] == pytest.approx(float((calibrated.argmax(1) == y).mean()))
     assert str(len(json.loads((out / "split.json").read_text())["val"])) in cal["fitted_on"]
