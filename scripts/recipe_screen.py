@@ -1,0 +1,166 @@
+"""Compare training recipes on the folds they share: out-of-fold scores of `train-patch` runs.
+
+    python scripts/recipe_screen.py --folds 0 1 2 --out docs/results/recipe_screen \
+        baseline-global=runs/p965_global b16=runs/r_global_b16 ...
+
+Each ``NAME=RUN_DIR`` is a `train-patch` run folder (every learner in it is read). Only the images
+of each of ``--folds`` are scored (fold by fold), so runs that trained one fold alone (``split.run_folds=[0]``) compare
+with full runs on equal terms: same split (checked by its fingerprint), same held-out images,
+never the test part. Per run: macro-F1 with a patient-bootstrap 95 % CI, balanced accuracy,
+within-adult COVID-vs-rest AUC, the share of adult non-COVID images called COVID-19, the best
+epoch and the training time; and the paired macro-F1 difference to the first run.
+
+Writes ``OUT/screen.csv``, ``OUT/screen.md`` and ``OUT/curves_foldF.png`` (validation macro-F1 by epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from patchflannel._files import write_csv, write_text
+from patchflannel.stats import cluster_weights
+
+RESAMPLES = 2000
+
+
+def _macro_f1(y: np.ndarray, pred: np.ndarray, n: int, w: np.ndarray | None = None) -> float:
+    w = np.ones(len(y)) if w is None else w
+    f1 = []
+    for c in range(n):
+        tp = np.sum(w * ((pred == c) & (y == c)))
+        fp = np.sum(w * ((pred == c) & (y != c)))
+        fn = np.sum(w * ((pred != c) & (y == c)))
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(f1))
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+
+def _load(run: Path, fold: int) -> list[dict]:
+    out = []
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    for ldir in sorted(p for p in run.iterdir() if (p / "oof.npz").is_file()):
+        o = np.load(ldir / "oof.npz", allow_pickle=False)
+        sel = o["fold"] == fold
+        if not sel.any():
+            continue
+        hist = ldir / f"fold{fold}" / "history.csv"
+        rows = list(csv.DictReader(hist.open(encoding="utf-8"))) if hist.is_file() else []
+        val = [float(r["val_macro_f1"]) for r in rows if r.get("val_macro_f1")]
+        out.append({"learner": ldir.name, "fingerprint": split.get("fingerprint", ""), "ids": o["ids"][sel],
+                    "y": o["y"][sel].astype(int), "soft": o["soft"][sel], "patients": o["groups"][sel].astype(str),
+                    "ages": o["age_groups"][sel].astype(str), "classes": [str(c) for c in o["classes"]],
+                    "curve": val, "best_epoch": int(np.argmax(val)) + 1 if val else 0, "epochs_run": len(val),
+                    "seconds": sum(float(r.get("seconds") or 0) for r in rows)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="NAME=RUN_DIR (the first is the reference)")
+    ap.add_argument("--folds", type=int, nargs="+", default=[0], help="folds to score, each on its own")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/recipe_screen"))
+    args = ap.parse_args(argv)
+    specs = []
+    for spec in args.runs:
+        name, _, path = spec.partition("=")
+        if not (Path(path) / "split.json").is_file():
+            print(f"{path}: not a train-patch run folder (no split.json)", file=sys.stderr)
+            return 2
+        specs.append((name, Path(path)))
+    rows, md = [], []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for fold in args.folds:
+        entries, missing = [], []
+        for name, run in specs:
+            found = _load(run, fold)
+            if not found:
+                missing.append(f"`{name}`")
+            entries += [{"name": name if len(found) == 1 else f"{name}:{e['learner']}", "run": str(run), **e}
+                        for e in found]
+        if not entries:
+            continue
+        ref = entries[0]
+        for e in entries[1:]:
+            if e["fingerprint"] != ref["fingerprint"] or list(e["ids"]) != list(ref["ids"]):
+                print(f"{e['name']}: a different split or fold than {ref['name']}", file=sys.stderr)
+                return 2
+        fold_rows, head = _score(entries, fold)
+        rows += fold_rows
+        md += ["", head, "", "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
+        md += ["| " + " | ".join(str(r[c]) for c in COLS) + " |" for r in fold_rows]
+        if missing:
+            md += ["", f"Not scored on fold {fold} (no out-of-fold votes for it): {', '.join(missing)}."]
+        _curves(entries, args.out / f"curves_fold{fold}.png", fold)
+    write_csv(args.out / "screen.csv", rows)
+    write_text(args.out / "screen.md", "\n".join(md).strip() + "\n")
+    print("\n".join(md))
+    return 0
+
+
+COLS = ["fold", "recipe", "macro_f1", "ci_low", "ci_high", "delta_vs_first", "delta_ci_low", "delta_ci_high",
+        "balanced_accuracy", "adult_covid_auc", "adult_non_covid_called_covid", "best_epoch", "epochs_run", "train_minutes"]
+
+
+def _score(entries: list[dict], fold: int) -> tuple[list[dict], str]:
+    ref = entries[0]
+    n = len(ref["classes"])
+    covid = ref["classes"].index("covid")
+    y, patients = ref["y"], ref["patients"]
+    uniq, cl = np.unique(patients, return_inverse=True)
+    w = cluster_weights(cl, RESAMPLES, np.random.default_rng(0))  # (R, n_images) patient bootstrap weights
+    adult = ref["ages"] == "adult"
+    anc = adult & (y != covid)
+    rows = []
+    ref_f1 = _macro_f1(y, ref["soft"].argmax(1), n)
+    ref_boot = np.array([_macro_f1(y, ref["soft"].argmax(1), n, wi) for wi in w])
+    for e in entries:
+        pred = e["soft"].argmax(1)
+        f1 = _macro_f1(y, pred, n)
+        boot = np.array([_macro_f1(y, pred, n, wi) for wi in w])
+        d = boot - ref_boot
+        recall = [np.mean(pred[y == c] == c) for c in range(n)]
+        rows.append({"fold": fold, "recipe": e["name"], "learner": e["learner"], "n": len(y),
+                     "macro_f1": round(f1, 3),
+                     "ci_low": round(float(np.quantile(boot, 0.025)), 3), "ci_high": round(float(np.quantile(boot, 0.975)), 3),
+                     "delta_vs_first": round(f1 - ref_f1, 3),
+                     "delta_ci_low": round(float(np.quantile(d, 0.025)), 3), "delta_ci_high": round(float(np.quantile(d, 0.975)), 3),
+                     "balanced_accuracy": round(float(np.mean(recall)), 3),
+                     "adult_covid_auc": round(_auc(e["soft"][adult & (y == covid), covid], e["soft"][anc, covid]), 3),
+                     "adult_non_covid_called_covid": f"{int(np.sum(pred[anc] == covid))}/{int(anc.sum())}",
+                     "best_epoch": e["best_epoch"], "epochs_run": e["epochs_run"],
+                     "train_minutes": round(e["seconds"] / 60, 1), "run": e["run"]})
+    head = (f"Fold {fold} out of fold ({len(y)} images, {len(uniq)} patient groups, {int(adult.sum())} adult); "
+            f"95 % CIs: {RESAMPLES} patient bootstrap resamples, deltas paired against `{ref['name']}`.")
+    return rows, head
+
+
+def _curves(entries: list[dict], path: Path, fold: int) -> None:
+    from patchflannel.plots import new_figure, save_figure
+
+    fig = new_figure(7, 4)
+    ax = fig.subplots()
+    for e in entries:
+        if e["curve"]:
+            ax.plot(range(1, len(e["curve"]) + 1), e["curve"], marker=".", label=e["name"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("inner-validation macro-F1")
+    ax.set_title(f"Fold {fold}: validation macro-F1 per epoch (early stopping's signal)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path, dpi=90)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
