@@ -19,7 +19,9 @@ Output folder written by :func:`run_ensemble`::
     OUT/claims.md                automatically computed statements (FLANNEL vs baselines, source confound)
     OUT/predictions_test.npz     test ids, labels, learners' P (mean of fold models), each row's probabilities
     OUT/flannel/                 FLANNEL (focal), first seed (config.json + model.safetensors); :func:`load_flannel`
-    OUT/*.png                    confusion matrices, ROC/PR, learner weights, training history
+    OUT/calibration.json         FLANNEL's temperature (fitted out of fold) and its test ECE/Brier, the ECE floor
+    OUT/*.png                    confusion matrices, ROC/PR, learner weights, training history, reliability
+                                 before/after calibration (reliability_test.png)
 
 Rerunning overwrites every file atomically; all training is small MLPs on
 (n,N,M) arrays and takes seconds to minutes on a CPU.
@@ -1043,6 +1045,13 @@ def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> 
                "test_top_probability_quantiles_raw": np.quantile(raw.max(1), QUANTILES).tolist(),
                "test_accuracy": float((raw.argmax(1) == test.y).mean())}
     write_json(out / "calibration.json", summary)
+    try:
+        from .plots import plot_reliability_before_after
+
+        plot_reliability_before_after(raw, calibrated, test.y, out / "reliability_test.png",
+                                      f"Test part ({len(test.y)} images): temperature {cal.temperature:.3f}")
+    except Exception as exc:  # noqa: BLE001 — a figure must never lose the numbers above
+        logger.warning("reliability figure failed: %s", exc)
     return summary
 
 

@@ -202,3 +202,26 @@ def plot_training_history(
         ax_f1.legend(fontsize="small")
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def plot_reliability_before_after(raw: np.ndarray, calibrated: np.ndarray, y: np.ndarray,
+                                  path: str | os.PathLike[str], title: str = "", bins: int = 15) -> Path:
+    """Reliability curves (accuracy vs mean confidence per bin, top label) before and after
+    calibration on the same images, with the confidence histograms below."""
+    from .calibrate import expected_calibration_error, reliability
+
+    fig = new_figure(5.5, 6.0)
+    ax, axc = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    edges = np.linspace(0, 1, bins + 1)
+    for probs, name, colour in ((raw, "raw", "C1"), (calibrated, "calibrated", "C0")):
+        rel = reliability(probs, y, bins)
+        ok = np.asarray(rel["count"]) > 0
+        conf, acc = np.asarray(rel["confidence"])[ok], np.asarray(rel["accuracy"])[ok]
+        ax.plot(conf, acc, "o-", color=colour, markersize=4,
+                label=f"{name} (ECE {expected_calibration_error(probs, y, bins):.3f})")
+        axc.hist(probs.max(1), bins=edges, color=colour, alpha=0.5, label=name)
+    ax.set(ylabel="accuracy (top label)", xlim=(0, 1), ylim=(0, 1.02), title=title or "Reliability before and after")
+    ax.legend(fontsize="small", loc="upper left")
+    axc.set(xlabel="confidence (top probability)", ylabel="images")
+    return save_figure(fig, path)

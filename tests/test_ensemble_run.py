@@ -254,7 +254,7 @@ def test_outputs_and_rows(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
     for name in ("config.yaml", "split.json", "table.md", "results.json", "results.csv", "claims.md",
                  "calibration.json", "predictions_test.npz", "flannel/config.json", "flannel/model.safetensors",
                  "confusion_flannel_focal.png", "confusion_best_single.png", "roc_pr_covid.png",
-                 "weights_flannel_focal.png", "history_flannel_focal.png"):
+                 "weights_flannel_focal.png", "history_flannel_focal.png", "reliability_test.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.rglob(".*.tmp")) and not list(out.rglob("*.tmp")), "temp file left behind"
     table = (out / "table.md").read_text()
