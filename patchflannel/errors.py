@@ -50,6 +50,14 @@ class ResumeError(PatchflannelError, ValueError):
     """A checkpoint cannot be resumed (changed config, other model, truncated file)."""
 
 
+class ConfigChangedError(ResumeError):
+    """A checkpoint was made with another config; ``changes`` lists the dotted keys as ``key: old → new``."""
+
+    def __init__(self, message: str, changes: list[str]) -> None:
+        super().__init__(message)
+        self.changes = changes
+
+
 class StoreError(PatchflannelError, ValueError):
     """A store file is missing, incomplete or not a patchflannel store."""
 

@@ -21,6 +21,7 @@ patches voting for each class; crops are drawn exactly as ``predict`` draws them
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from pydantic import Field, field_validator, model_validator
 from ._files import write_json, write_npz
 from .config import Section, config_to_yaml
 from .data import CLASSES, CxrData, check_grouped, inner_validation, make_splits
-from .errors import DataError, ResumeError
+from .errors import ConfigChangedError, DataError, ResumeError
 from .learners import InputSpec, Learner, create_learner, list_learners, make_inputs
 from .pipeline import image_seed
 from .runtime import Dist
@@ -286,8 +287,10 @@ def train_model(name: str, data: CxrData, train_idx: list[int], val_idx: list[in
     result = trainer.fit(batches, step, validate, on_best, lambda b: len(b["items"]) * k_train, track)
     dist.barrier()
     best = Learner.from_pretrained(out_dir / "best", dist.device)
+    weights = out_dir / "best" / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "none"
     return best, {"best_epoch": result.best_epoch, "best_score": result.best_score, "epochs_run": result.epochs_run,
-                  "seconds": result.seconds, "hash": trainer.hash}
+                  "seconds": result.seconds, "hash": trainer.hash, "weights": digest}
 
 
 def _pretrained(value: str | None) -> bool | str:
@@ -300,8 +303,6 @@ def _pretrained(value: str | None) -> bool | str:
 
 
 def split_fingerprint(data: CxrData) -> str:
-    import hashlib
-
     rows = sorted(f"{i}|{data.labels[k]}|{data.groups[k]}|{data.roles[k]}" for k, i in enumerate(data.ids))
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
@@ -387,8 +388,8 @@ def run_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrain
                                   restart=restart, label=f"{name} fold {f}")
         best_epochs.append(info["best_epoch"])
         done = fdir / "votes.npz"
-        # the best epoch is in the key: training a finished fold longer may pick another best model
-        key = f"{info['hash']}|best={info['best_epoch']}|k={cfg.k}|{split['fingerprint']}"
+        # keyed by the best model's weights: training a finished fold longer may pick another best model
+        key = f"{info['hash']}|best={info['weights']}|k={cfg.k}|{split['fingerprint']}"
         cached = _read_votes(done, key)
         if cached is None:
             os_, oh = votes(model, data, folds[f], cfg.k, cfg.seed, dist, track=track, what=f"{name} fold {f} OOF votes")
@@ -411,11 +412,16 @@ def run_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrain
         try:
             model, info = train_model(*refit_args, epochs=epochs, seed=cfg.seed + 7, track=track, restart=restart,
                                       label=f"{name} refit")
-        except ResumeError:  # the folds were trained longer and their median best epoch moved: the refit is redone
-            log.info("%s refit: the folds' median best epoch is now %d; retraining the refit model", name, epochs)
+        except ConfigChangedError as exc:
+            # The folds were trained longer and their median best epoch moved: the refit (derived, never resumed by
+            # hand) is redone. Any other change is the user's and is refused as for the folds.
+            if not exc.changes or any(not c.startswith("refit_epochs:") for c in exc.changes):
+                raise
+            log.warning("%s refit: the folds' median best epoch is now %d (%s); retraining the refit model",
+                        name, epochs, exc.changes[0])
             model, info = train_model(*refit_args, epochs=epochs, seed=cfg.seed + 7, track=track, restart=True,
                                       label=f"{name} refit")
-        key = f"{info['hash']}|best={info['best_epoch']}|k={cfg.k}|{split['fingerprint']}"
+        key = f"{info['hash']}|best={info['weights']}|k={cfg.k}|{split['fingerprint']}"
         cached = _read_votes(ldir / "refit" / "votes.npz", key)
         if cached is None:
             rs, rh = votes(model, data, test_idx + ext_idx, cfg.k, cfg.seed, dist, track=track, what=f"{name} refit test votes")
@@ -502,6 +508,9 @@ def train_patch_run(cfg: PatchTrainConfig, data: CxrData, run_dir: str | os.Path
 
         changes = [c for c in diff_configs(old, now)
                    if not c.startswith("learners") and c.split(":")[0] not in RESUMABLE_KEYS]
+        if (old.get("split") or {}).get("run_folds") is None and cfg.split.run_folds is not None:
+            # a screen may be completed to every fold, but a full run must not be cut down to a screen
+            changes.append(f"split.run_folds: None → {cfg.split.run_folds}")
         if changes:
             raise ResumeError(f"{run_dir} holds a run with another config ({'; '.join(changes[:6])}); use another "
                               "--run-dir or pass --restart")

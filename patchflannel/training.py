@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ._files import atomic_path, write_csv, write_text
 from .config import config_hash, config_to_yaml, diff_configs
-from .errors import ResumeError
+from .errors import ConfigChangedError, ResumeError
 from .runtime import Dist, autocast
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,15 @@ class Trainer:
             changes = [c for c in diff_configs(old, self.config_dict)
                        if c.split(":")[0] not in _RESUMABLE | _LEGACY_RESUMABLE]
             if changes or not old:
-                raise ResumeError(
+                raise ConfigChangedError(
                     f"{path.parent}: this run was started with another config, so it cannot resume "
                     f"({'; '.join(changes[:6]) or 'config differs'}). Use another --run-dir, pass --restart to "
-                    f"discard the checkpoint, or rerun with the run's own config ({path.parent / 'config.yaml'}).")
+                    f"discard the checkpoint, or rerun with the run's own config ({path.parent / 'config.yaml'}).",
+                    changes)
+        if int(ck.get("epoch", 0)) > self.settings.epochs:
+            raise ResumeError(f"{path.parent}: already trained {int(ck['epoch'])} epochs, more than the "
+                              f"{self.settings.epochs} asked for; epochs can be raised, not lowered (pass --restart "
+                              "to train this run again from the start)")
         try:
             self.module.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])

@@ -281,16 +281,35 @@ def test_train_patch_run_end_to_end_and_rerun_reuses_folds(tiny: dict, tmp_path:
     # train longer: a larger train.epochs resumes every fold from its checkpoint (the folder is not refused),
     # votes are redone only for a fold whose best model changed, and the refit follows the new median best epoch
     monkeypatch.undo()
+    import hashlib
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    before = {f: digest(ldir / f"fold{f}" / "best" / "model.safetensors") for f in (0, 1)}
+    voted: list[str] = []
+    real_votes = patch_train.votes
+
+    def counting_votes(*args: object, **kwargs: object) -> object:
+        voted.append(str(kwargs.get("what", "")))
+        return real_votes(*args, **kwargs)
+
+    monkeypatch.setattr(patch_train, "votes", counting_votes)
     longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2, "patience": 5})})
     res2 = train_patch_run(longer, data, run)
     for f in (0, 1):
         hist = list(csv.DictReader((ldir / f"fold{f}" / "history.csv").open()))
         assert [int(h["epoch"]) for h in hist] == [1, 2]
-        votes_key = str(np.load(ldir / f"fold{f}" / "votes.npz")["key"])
-        assert f"|best={json.loads((ldir / f'fold{f}' / 'best' / 'config.json').read_text())['training']['best_epoch']}|" \
-            in votes_key
+        changed = digest(ldir / f"fold{f}" / "best" / "model.safetensors") != before[f]
+        assert any(f"fold {f} " in w for w in voted) == changed, (f, changed, voted)
     assert json.loads((ldir / "metrics.json").read_text())["best_epochs"] == res2[LEARNER]["best_epochs"]
     assert res2[LEARNER]["refit_epochs"] == int(np.median(res2[LEARNER]["best_epochs"]))
+    # epochs can be raised, not lowered; a full run is not cut down to a one-fold screen
+    with pytest.raises(ResumeError, match="not lowered"):
+        train_patch_run(cfg, data, run)
+    screen = longer.model_copy(update={"split": longer.split.model_copy(update={"run_folds": [0]})})
+    with pytest.raises(ResumeError, match="run_folds"):
+        train_patch_run(screen, data, run)
 
 
 @pytest.mark.data
