@@ -126,11 +126,14 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
     return float(ece)
 
 
-def ece_noise_floor(probs: np.ndarray, bins: int = 15, n_sim: int = 2000, seed: int = 0) -> dict[str, float]:
+def ece_noise_floor(probs: np.ndarray, bins: int = 15, n_sim: int = 2000, seed: int = 0,
+                    observed: float | None = None) -> dict[str, float]:
     """ECE a *perfectly calibrated* model would show on these images: labels drawn from ``probs`` itself.
 
     Top-label ECE is biased upwards on small sets (each bin's accuracy is a noisy mean), so an
-    observed ECE is only read against this floor: median and 95 % range over ``n_sim`` draws.
+    observed ECE is only read against this floor: median and 95 % range over ``n_sim`` draws, the
+    share of draws at or below 0.05, and with ``observed`` the share at or above it (a p-value for
+    "perfectly calibrated"; ECE has little power on small sets, the mean confidence − accuracy gap more).
     """
     probs = np.asarray(probs, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -139,8 +142,13 @@ def ece_noise_floor(probs: np.ndarray, bins: int = 15, n_sim: int = 2000, seed: 
     for i in range(n_sim):
         y = np.minimum((rng.random((len(probs), 1)) > cum).sum(axis=1), probs.shape[1] - 1)
         sims[i] = expected_calibration_error(probs, y, bins)
-    return {"median": float(np.median(sims)), "low": float(np.quantile(sims, 0.025)),
-            "high": float(np.quantile(sims, 0.975)), "n_images": int(len(probs)), "n_sim": int(n_sim)}
+    out = {"median": float(np.median(sims)), "low": float(np.quantile(sims, 0.025)),
+           "high": float(np.quantile(sims, 0.975)), "share_at_most_0.05": float(np.mean(sims <= 0.05)),
+           "n_images": int(len(probs)), "n_sim": int(n_sim)}
+    if observed is not None:
+        out["observed"] = float(observed)
+        out["p_observed_or_more"] = float(np.mean(sims >= observed))
+    return out
 
 
 def brier_score(probs: np.ndarray, y: np.ndarray) -> float:

@@ -1036,7 +1036,8 @@ def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> 
                "test_ece_raw": expected_calibration_error(raw, test.y),
                "test_ece_calibrated": expected_calibration_error(calibrated, test.y),
                # what a perfectly calibrated model with these confidences would show on this many images
-               "test_ece_floor": ece_noise_floor(calibrated, seed=0),
+               "test_ece_floor": ece_noise_floor(calibrated, seed=0,
+                                                 observed=expected_calibration_error(calibrated, test.y)),
                "test_brier_raw": brier_score(raw, test.y), "test_brier_calibrated": brier_score(calibrated, test.y),
                "test_mean_confidence_raw": float(raw.max(1).mean()),
                "test_mean_confidence_calibrated": float(calibrated.max(1).mean()),

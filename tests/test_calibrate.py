@@ -148,6 +148,9 @@ def test_ece_noise_floor_of_a_perfectly_calibrated_model() -> None:
     # A model that is wrong about its confidence sits far above its own floor.
     sharp = softmax(logits * 4)
     assert expected_calibration_error(sharp, y) > ece_noise_floor(sharp, n_sim=200)["high"]
+    # The p-value of an observed ECE: small far above the floor, large at its median.
+    assert ece_noise_floor(sharp, n_sim=200, observed=expected_calibration_error(sharp, y))["p_observed_or_more"] == 0
+    assert ece_noise_floor(p, n_sim=400, seed=1, observed=floor["median"])["p_observed_or_more"] > 0.3
     # Same seed, same answer.
     assert ece_noise_floor(p, n_sim=50, seed=7) == ece_noise_floor(p, n_sim=50, seed=7)
 

@@ -386,7 +386,8 @@ def test_calibration_json(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
     # ... and the ECE floor is the calibrated confidences' own (labels drawn from them), on the same images
     from patchflannel.calibrate import ece_noise_floor
 
-    assert cal["test_ece_floor"] == pytest.approx(ece_noise_floor(calibrated, seed=0))
+    assert cal["test_ece_floor"] == pytest.approx(ece_noise_floor(calibrated, seed=0, observed=cal["test_ece_calibrated"]))
+    assert 0 <= cal["test_ece_floor"]["p_observed_or_more"] <= 1
     assert cal["test_ece_floor"]["n_images"] == len(y)
     assert cal["test_top_probability_quantiles_calibrated"] == pytest.approx(
         np.quantile(calibrated.max(1), [0, 0.1, 0.25, 0.5, 0.75, 0.9, 1]).tolist())
