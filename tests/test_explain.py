@@ -259,7 +259,8 @@ def test_explain_uses_predicts_crops_and_prediction(shipped: Classifier, images:
         np.testing.assert_allclose(e.prediction.crop_probs[n], p.crop_probs[n], atol=1e-6)
     assert set(e.learner_maps) == set(shipped.names)
     assert e.map.shape == images[0].shape and e.map.dtype == np.float32
-    assert e.map.min() == 0 and e.map.max() == pytest.approx(1.0)
+    # max(S, 0) / max: in [0, 1] with its peak at 1 (a whole-image learner's map can be > 0 everywhere)
+    assert e.map.min() >= 0 and e.map.max() == pytest.approx(1.0)
     for m in e.learner_maps.values():
         assert m.shape == images[0].shape and 0 <= m.min() and m.max() <= 1
 
@@ -312,7 +313,7 @@ def test_cli_explain_and_predict_explain(tmp_path: Path, images: list[np.ndarray
         stem = path.stem
         assert rows[stem]["status"] == "ok" and rows[stem]["explained"] == rows[stem]["label"]
         heat = cv2.imread(str(out / "heatmaps" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
-        assert heat.dtype == np.uint8 and heat.shape == im.shape and heat.max() == 255 and heat.min() == 0
+        assert heat.dtype == np.uint8 and heat.shape == im.shape and heat.max() == 255 and heat.min() < 255
         assert (out / "overlays" / f"{stem}_explain.png").stat().st_size > 10_000
         doc = json.loads((out / "json" / f"{stem}.json").read_text(encoding="utf-8"))
         assert len(doc["crop_probabilities"][shipped_patch_member()[0]]["probs"]) == 4
