@@ -1032,12 +1032,11 @@ def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> 
     cal = fit_calibrator(z_va, oof.y[va], "temperature")
     raw = torch.softmax(z_te, 1).numpy()
     calibrated = torch.softmax(cal(z_te), 1).numpy()
+    ece = expected_calibration_error(calibrated, test.y)
     summary = {**cal.to_dict(), "fitted_on": f"ensemble-validation part of the out-of-fold votes ({len(va)} images)",
-               "test_ece_raw": expected_calibration_error(raw, test.y),
-               "test_ece_calibrated": expected_calibration_error(calibrated, test.y),
+               "test_ece_raw": expected_calibration_error(raw, test.y), "test_ece_calibrated": ece,
                # what a perfectly calibrated model with these confidences would show on this many images
-               "test_ece_floor": ece_noise_floor(calibrated, seed=0,
-                                                 observed=expected_calibration_error(calibrated, test.y)),
+               "test_ece_floor": ece_noise_floor(calibrated, seed=0, observed=ece),
                "test_brier_raw": brier_score(raw, test.y), "test_brier_calibrated": brier_score(calibrated, test.y),
                "test_mean_confidence_raw": float(raw.max(1).mean()),
                "test_mean_confidence_calibrated": float(calibrated.max(1).mean()),
@@ -1393,6 +1392,16 @@ def _measured_figures(src: Path) -> dict[str, str]:
     return out
 
 
+def _shown_path(path: str | os.PathLike[str]) -> str:
+    """A path as a shipped config records it: relative to the working directory when inside it
+    (no machine-specific prefix in committed files), absolute otherwise."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathLike[str], members: str = "folds",
                       half: bool = True) -> Path:
     """Build the :class:`~patchflannel.pipeline.Classifier` an ensemble run describes and save it to ``dest``.
@@ -1460,7 +1469,8 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
               "combiner": "flannel", "combiner_options": {"hidden": ccfg.get("options", {}).get("hidden")},
               "segmenter": {"name": seg_ref, "convention": "scr", "sha256": file_sha256(seg_file)},
               "defaults": {"k": int(k) if isinstance(k, int) else 100},
-              "training": {"ensemble_dir": str(src.resolve()), "runs": cfg["runs"], "members": members,
+              "training": {"ensemble_dir": _shown_path(src), "runs": [_shown_path(r) for r in cfg["runs"]],
+                           "members": members,
                            "combiner": {key: ccfg.get(key) for key in ("gamma", "alpha", "seed", "best_epoch",
                                                                         "val_macro_f1", "test_macro_f1", "training_data")}}}
     measured = _measured_figures(src)

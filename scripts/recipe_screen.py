@@ -22,23 +22,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from patchflannel._files import write_csv, write_text
-from patchflannel.stats import cluster_weights
+from patchflannel.stats import EvalData, bootstrap_metrics, paired_bootstrap
 
 RESAMPLES = 2000
-
-
-def _macro_f1(y: np.ndarray, pred: np.ndarray, n: int, w: np.ndarray | None = None) -> float:
-    w = np.ones(len(y)) if w is None else w
-    f1 = []
-    for c in range(n):
-        tp = np.sum(w * ((pred == c) & (y == c)))
-        fp = np.sum(w * ((pred == c) & (y != c)))
-        fn = np.sum(w * ((pred != c) & (y == c)))
-        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(f1))
 
 
 def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -115,34 +104,31 @@ COLS = ["fold", "recipe", "macro_f1", "ci_low", "ci_high", "delta_vs_first", "de
 
 def _score(entries: list[dict], fold: int) -> tuple[list[dict], str]:
     ref = entries[0]
-    n = len(ref["classes"])
     covid = ref["classes"].index("covid")
-    y, patients = ref["y"], ref["patients"]
-    uniq, cl = np.unique(patients, return_inverse=True)
-    w = cluster_weights(cl, RESAMPLES, np.random.default_rng(0))  # (R, n_images) patient bootstrap weights
+    y = ref["y"]
     adult = ref["ages"] == "adult"
     anc = adult & (y != covid)
+
+    def data(e: dict) -> EvalData:
+        return EvalData(y=y, probs=e["soft"], classes=tuple(e["classes"]), clusters=ref["patients"])
+
     rows = []
-    ref_f1 = _macro_f1(y, ref["soft"].argmax(1), n)
-    ref_boot = np.array([_macro_f1(y, ref["soft"].argmax(1), n, wi) for wi in w])
     for e in entries:
-        pred = e["soft"].argmax(1)
-        f1 = _macro_f1(y, pred, n)
-        boot = np.array([_macro_f1(y, pred, n, wi) for wi in w])
-        d = boot - ref_boot
-        recall = [np.mean(pred[y == c] == c) for c in range(n)]
+        d, pred = data(e), e["soft"].argmax(1)
+        ci = bootstrap_metrics(d, RESAMPLES, seed=0)["macro_f1"]
+        delta = paired_bootstrap(d, data(ref), ["macro_f1"], RESAMPLES, seed=0)["macro_f1"]
         rows.append({"fold": fold, "recipe": e["name"], "learner": e["learner"], "n": len(y),
-                     "macro_f1": round(f1, 3),
-                     "ci_low": round(float(np.quantile(boot, 0.025)), 3), "ci_high": round(float(np.quantile(boot, 0.975)), 3),
-                     "delta_vs_first": round(f1 - ref_f1, 3),
-                     "delta_ci_low": round(float(np.quantile(d, 0.025)), 3), "delta_ci_high": round(float(np.quantile(d, 0.975)), 3),
-                     "balanced_accuracy": round(float(np.mean(recall)), 3),
+                     "macro_f1": round(ci["value"], 3), "ci_low": round(ci["ci_low"], 3), "ci_high": round(ci["ci_high"], 3),
+                     "delta_vs_first": round(delta["diff"], 3),
+                     "delta_ci_low": round(delta["ci_low"], 3), "delta_ci_high": round(delta["ci_high"], 3),
+                     "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 3),
                      "adult_covid_auc": round(_auc(e["soft"][adult & (y == covid), covid], e["soft"][anc, covid]), 3),
                      "adult_non_covid_called_covid": f"{int(np.sum(pred[anc] == covid))}/{int(anc.sum())}",
                      "best_epoch": e["best_epoch"], "epochs_run": e["epochs_run"],
                      "train_minutes": round(e["seconds"] / 60, 1), "run": e["run"]})
-    head = (f"Fold {fold} out of fold ({len(y)} images, {len(uniq)} patient groups, {int(adult.sum())} adult); "
-            f"95 % CIs: {RESAMPLES} patient bootstrap resamples, deltas paired against `{ref['name']}`.")
+    head = (f"Fold {fold} out of fold ({len(y)} images, {len(np.unique(ref['patients']))} patient groups, "
+            f"{int(adult.sum())} adult); 95 % CIs: {RESAMPLES} patient bootstrap resamples "
+            f"(`patchflannel.stats`), deltas paired against `{ref['name']}`.")
     return rows, head
 
 

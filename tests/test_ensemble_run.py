@@ -477,6 +477,9 @@ def test_export_classifier_round_trip(ran: tuple[list[Path], Path, dict[str, Any
     assert cfg["task"] == "cxr_classifier" and cfg["classes"] == CLASSES and cfg["learners"] == PATCH_LEARNERS
     assert cfg["members"] == {n: ["fold0", "fold1"] for n in PATCH_LEARNERS}
     assert cfg["defaults"]["k"] == K and cfg["training"]["members"] == "folds"
+    # run folders recorded as given: relative to the working directory when inside it, else absolute
+    assert [Path(r).resolve() for r in cfg["training"]["runs"]] == [r.resolve() for r in runs]
+    assert Path(cfg["training"]["ensemble_dir"]).resolve() == out.resolve()
     measured = cfg["training"]["results"]  # what ensemble measured travels with the weights
     assert any(k.startswith("Held-out test part") and v.startswith("macro-F1 ") for k, v in measured.items())
     assert any(k.startswith("All ") and "within-adult COVID-vs-rest AUC" in v for k, v in measured.items())
