@@ -95,7 +95,8 @@ class PatchTrainSection(Section):
     lr_patience: int = Field(default=4, ge=1)
     weight_decay: float = Field(default=1e-4, ge=0)
     bn_momentum: float | None = Field(default=0.1, gt=0, le=1)  # null = the backbone's own
-    sampling: Literal["none", "class", "class_age"] = "class"  # balanced sampling: by class, or by class × age group
+    # balanced sampling: by class, by class × age group, or by class × source (every source equal within a class)
+    sampling: Literal["none", "class", "class_age", "class_source"] = "class"
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     augment: float = Field(default=1.0, ge=0, le=2)  # strength of the intensity jitter (and global affine)
     refit: bool = True  # after the folds, retrain on every non-test image for median(best epochs) epochs: what ships
@@ -209,11 +210,17 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray, m: int) -> float:
 
 
 def sample_weights(data: CxrData, idx: Sequence[int], rule: str) -> np.ndarray | None:
-    """Balanced-sampling weights over ``idx``: 1/count(class) or 1/count(class × age group)."""
+    """Balanced-sampling weights over ``idx``: 1/count(class), 1/count(class × age group), or for
+    ``class_source`` every class the same mass shared equally by its sources (1/(count(class × source) ·
+    sources in the class)), so a source's few images of a class weigh as much as another's many."""
     if rule == "none":
         return None
-    keys = [(int(data.labels[i]), data.age_groups[i] if rule == "class_age" else "") for i in idx]
+    second = {"class_age": data.age_groups, "class_source": data.sources}.get(rule)
+    keys = [(int(data.labels[i]), second[i] if second is not None else "") for i in idx]
     counts = Counter(keys)
+    per_class = Counter(c for c, _ in counts)
+    if rule == "class_source":
+        return np.array([1.0 / (counts[kk] * per_class[kk[0]]) for kk in keys])
     return np.array([1.0 / counts[kk] for kk in keys])
 
 

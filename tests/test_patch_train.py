@@ -68,6 +68,38 @@ def test_shipped_configs_validate_and_take_overrides(name: str) -> None:
     assert cfg.input.patch_size % cfg.input.learner_input == 0
 
 
+@pytest.mark.parametrize("rule", ["none", "class", "class_age", "class_source"])
+def test_sample_weights_balance_what_they_name(rule: str) -> None:
+    from types import SimpleNamespace
+
+    from patchflannel.patch_train import sample_weights
+
+    # class 0: 90 pediatric images of source A, 10 adult of B; class 1: 30 adult of B, 10 adult of C
+    labels = np.array([0] * 100 + [1] * 40)
+    sources = ["A"] * 90 + ["B"] * 40 + ["C"] * 10
+    ages = ["pediatric"] * 90 + ["adult"] * 50
+    data = SimpleNamespace(labels=labels, sources=sources, age_groups=ages)
+    idx = list(range(140))
+    w = sample_weights(data, idx, rule)  # type: ignore[arg-type]
+    if rule == "none":
+        assert w is None
+        return
+    assert w.shape == (140,) and (w > 0).all()
+
+    def mass(sel: np.ndarray) -> float:
+        return float(w[sel].sum() / w.sum())
+
+    src = np.array(sources)
+    if rule == "class":  # each class half the mass
+        assert mass(labels == 0) == pytest.approx(0.5) and mass(labels == 1) == pytest.approx(0.5)
+    elif rule == "class_age":  # each (class, age group) cell the same mass: 3 cells
+        assert mass((labels == 0) & (src == "A")) == pytest.approx(1 / 3)
+        assert mass(labels == 1) == pytest.approx(1 / 3)
+    else:  # each class half, shared equally by its sources
+        for c, s in [(0, "A"), (0, "B"), (1, "B"), (1, "C")]:
+            assert mass((labels == c) & (src == s)) == pytest.approx(0.25), (c, s)
+
+
 # --------------------------------------------------------------------------- real records and splits
 
 
