@@ -1043,7 +1043,10 @@ def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> 
                # the spread of the top-class probability (min, 10/25/50/75/90 %, max): does it use the range?
                "test_top_probability_quantiles_calibrated": np.quantile(calibrated.max(1), QUANTILES).tolist(),
                "test_top_probability_quantiles_raw": np.quantile(raw.max(1), QUANTILES).tolist(),
-               "test_accuracy": float((raw.argmax(1) == test.y).mean())}
+               "test_accuracy": float((raw.argmax(1) == test.y).mean()),
+               # the temperature is fitted on one fold model's votes; predict feeds the mean of the fold models':
+               # each fold model alone on the test part shows whether that mismatch is what is left
+               "test_per_fold_model_calibrated": _per_fold_calibration(model, row, test, cal)}
     write_json(out / "calibration.json", summary)
     try:
         from .plots import plot_reliability_before_after
@@ -1053,6 +1056,20 @@ def _calibrate(out: Path, row: _Row, oof: Votes, test: Votes, va: list[int]) -> 
     except Exception as exc:  # noqa: BLE001 — a figure must never lose the numbers above
         logger.warning("reliability figure failed: %s", exc)
     return summary
+
+
+def _per_fold_calibration(model: nn.Module, row: _Row, test: Votes, cal: Any) -> list[dict[str, float]]:
+    """Accuracy, mean top-class probability and ECE of the calibrated FLANNEL fed one fold model's test votes."""
+    from .calibrate import expected_calibration_error
+
+    out = []
+    for f in range(test.P.shape[1]):
+        with torch.no_grad():
+            z = combiner_logits(model, torch.as_tensor(test.P[:, f][:, row.learners], dtype=torch.float32)).double()
+        p = torch.softmax(cal(z), 1).numpy()
+        out.append({"fold_model": f, "accuracy": float((p.argmax(1) == test.y).mean()),
+                    "mean_confidence": float(p.max(1).mean()), "ece": expected_calibration_error(p, test.y)})
+    return out
 
 
 def _weight_stats(ws: list[np.ndarray], names: list[str]) -> dict[str, Any]:
@@ -1377,6 +1394,12 @@ def _measured_figures(src: Path) -> dict[str, str]:
                 fl = cal["test_ece_floor"]
                 out["Calibration (test)"] += (f"; a perfectly calibrated model would show {fl['median']:.3f} "
                                               f"[{fl['low']:.3f}, {fl['high']:.3f}] on these {fl['n_images']} images")
+            pf = cal.get("test_per_fold_model_calibrated") or []
+            if pf:
+                out["Calibration (test)"] += (
+                    f"; confidence {cal['test_mean_confidence_calibrated']:.3f} vs accuracy {cal['test_accuracy']:.3f} "
+                    "(one fold model alone: " + ", ".join(f"{r['mean_confidence']:.3f} vs {r['accuracy']:.3f}" for r in pf)
+                    + ")")
         every = (res.get("all_images") or {}).get("models", {}).get("flannel_focal")
         if every:
             a, text = every["adult_non_covid_called_covid"], [f"macro-F1 {ci(every['overall']['macro_f1'])}"]

@@ -394,6 +394,18 @@ def test_calibration_json(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
     # A temperature never changes the predicted class.
     assert cal["test_accuracy"] == pytest.approx(float((calibrated.argmax(1) == y).mean()))
     assert str(len(json.loads((out / "split.json").read_text())["val"])) in cal["fitted_on"]
+    # One entry per fold model: the calibrated FLANNEL fed that fold model's test votes alone.
+    runs = ran[0]
+    _, _, test = load_votes(runs, None, "soft")
+    per_fold = cal["test_per_fold_model_calibrated"]
+    assert [r["fold_model"] for r in per_fold] == list(range(test.P.shape[1]))
+    for r in per_fold:
+        with torch.no_grad():
+            zf = combiner_logits(model, torch.as_tensor(test.P[:, r["fold_model"], :3], dtype=torch.float32)).double()
+        pf = calibrator.probabilities(zf.numpy())
+        assert r["accuracy"] == pytest.approx(float((pf.argmax(1) == test.y).mean()))
+        assert r["mean_confidence"] == pytest.approx(float(pf.max(1).mean()), abs=1e-6)
+        assert r["ece"] == pytest.approx(expected_calibration_error(pf, test.y), abs=1e-6)
 
 
 def _no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
