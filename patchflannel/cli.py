@@ -191,9 +191,12 @@ def segment(
     convention: Annotated[str, typer.Option(help="scr (SCR lungs, without the region behind the heart; what the "
                                                   "classifier samples from) or full (whole lung field, V7 style).")] = "scr",
     weights: Annotated[Optional[str], typer.Option("--weights", help="Lung U-Net weights: a folder or a name. Default: "
-                                                    "lung_unet_jsrt for --convention scr, lung_unet_v7 for full.")] = None,
+                                                    "lung_unet_jsrt for --convention scr, lung_unet_v7b for full.")] = None,
     store: Annotated[Optional[Path], typer.Option(help="Also write images + masks at 1024² to this HDF5 store.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=256)] = 4,
+    backend: Annotated[str, typer.Option("--backend", help="What runs the U-Net: auto (ONNX Runtime on the CPU when "
+                                                           "installed, ≈ 1.9× faster forward), onnx or torch (what "
+                                                           "eval-seg measures; masks agree to a few border pixels).")] = "auto",
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
     verbose: VerboseOpt = False,
@@ -208,8 +211,12 @@ def segment(
         from .segment import CONVENTIONS, DEFAULT_SEGMENTER, FULL_SEGMENTER, WORK_SIZE, LungSegmenter, overlay
         from .store import StoreWriter
 
+        from .backend import BACKENDS
+
         if convention not in CONVENTIONS:
             raise OutputError(f"--convention {convention!r}: choose {' or '.join(CONVENTIONS)}")
+        if backend not in BACKENDS:
+            raise OutputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if weights is None:
             weights = FULL_SEGMENTER if convention == "full" else DEFAULT_SEGMENTER
         dev = resolve_device(device)
@@ -217,7 +224,7 @@ def segment(
         names = unique_names(files)
         with OutputDir(out_dir, "segment", overwrite) as od:
             od.inputs = [str(f) for f in files]
-            seg = LungSegmenter.from_pretrained(weights, device=dev)
+            seg = LungSegmenter.from_pretrained(weights, device=dev, backend=backend)
             if convention not in seg.conventions:
                 raise OutputError(f"--convention {convention}: the weights {weights} produce only "
                                   f"{', '.join(seg.conventions)} masks (the two-convention U-Net is {FULL_SEGMENTER})")
@@ -260,7 +267,8 @@ def segment(
         _summary_table(results, "segment")
         n_ok = sum(r["status"] == "ok" for r in results)
         n_sus = sum("check the overlay" in r["detail"] for r in results)
-        out.print(f"{n_ok}/{len(results)} segmented in {elapsed:.1f} s ({convention} convention) → {out_dir / 'masks'}, "
+        out.print(f"{n_ok}/{len(results)} segmented in {elapsed:.1f} s ({convention} convention, "
+                  f"{seg.backend_used() if n_ok else backend}) → {out_dir / 'masks'}, "
                   f"{out_dir / 'overlays'}, quality lines in {out_dir / 'masks.csv'}"
                   + (f"; {n_sus} flagged suspicious" if n_sus else "") + (f", store: {store}" if store and n_ok else ""))
         if n_ok < len(results):

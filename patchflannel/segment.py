@@ -46,7 +46,7 @@ __all__ = ["CONVENTIONS", "LungSegmenter", "MaskQuality", "Preprocess", "build_u
 WORK_SIZE = 1024  # masks are produced and judged at 1024×1024
 CONVENTIONS = ("scr", "full")
 DEFAULT_SEGMENTER = "lung_unet_jsrt"  # the scr default (see weights/README.md)
-FULL_SEGMENTER = "lung_unet_v7"  # the two-convention U-Net (scr + full)
+FULL_SEGMENTER = "lung_unet_v7b"  # the two-convention U-Net (scr + full); lung_unet_v7 trained 12 epochs more
 TASK = "lung_segmentation"
 
 
@@ -241,16 +241,28 @@ class LungSegmenter:
     threshold: float = 0.5
     config: dict[str, Any] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
+    # torch (default: what training and eval-seg measure), onnx (ONNX Runtime on the CPU: ≈ 1.9× faster U-Net
+    # forward here, logits equal to 1e-4) or auto (onnx when installed and on the CPU). Built at the first call.
+    backend: str = "torch"
+    _run: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        from .backend import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         self.device = torch.device(self.device)
         self.model = self.model.to(self.device).eval()
+
+    def __getstate__(self) -> dict[str, Any]:  # an ONNX Runtime session does not pickle; rebuilt on first use
+        return {**self.__dict__, "_run": None}
 
     # ---------------------------------------------------------------- persistence
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str] = DEFAULT_SEGMENTER,
-                        device: str | torch.device = "cpu", option: str = "--weights") -> LungSegmenter:
+                        device: str | torch.device = "cpu", option: str = "--weights",
+                        backend: str = "torch") -> LungSegmenter:
         """Load a segmenter saved by :meth:`save_pretrained` (a name is resolved by :func:`patchflannel.hub.resolve_weights`)."""
         path = resolve_weights(name_or_path, option=option)
         state, cfg = load_pretrained(path, task=TASK)
@@ -261,7 +273,7 @@ class LungSegmenter:
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{path}: incomplete segmenter config ({exc})") from None
         load_state_dict(model, state, path)
-        return cls(model, pre, conventions, float(cfg.get("threshold", 0.5)), cfg, torch.device(device))
+        return cls(model, pre, conventions, float(cfg.get("threshold", 0.5)), cfg, torch.device(device), backend)
 
     def save_pretrained(self, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
         """Write ``DIR/config.json`` + ``DIR/model.safetensors`` (everything :meth:`from_pretrained` needs)."""
@@ -297,7 +309,20 @@ class LungSegmenter:
     def to(self, device: str | torch.device) -> LungSegmenter:
         self.device = torch.device(device)
         self.model.to(self.device)
+        self._run = None
         return self
+
+    def backend_used(self) -> str:
+        """The backend the forward runs on (``backend`` resolved: ``auto`` falls back to torch without
+        onnxruntime, off the CPU, or when the exported graph does not match PyTorch)."""
+        if self.backend == "torch":
+            return "torch"
+        if self._run is None:
+            from .backend import runner
+
+            run, used = runner([self.model], self.preprocess.size, self.backend, self.device, in_chans=1)
+            self._run = (run, used)
+        return str(self._run[1])
 
     # ---------------------------------------------------------------- inference
 
@@ -310,6 +335,8 @@ class LungSegmenter:
     def predict_logits(self, net_inputs: np.ndarray) -> torch.Tensor:
         """``(B,S,S) float32`` preprocessed → ``(B,C,S,S)`` logits (one channel per convention)."""
         x = torch.from_numpy(np.ascontiguousarray(net_inputs, dtype=np.float32)).unsqueeze(1).to(self.device)
+        if self.backend_used() == "onnx":
+            return self._run[0](x - 0.5)[0]
         return self.model(x - 0.5)
 
     @torch.inference_mode()

@@ -203,8 +203,9 @@ def test_second_run_into_the_same_out_needs_overwrite(predicted: tuple[Path, Res
 def test_segment_writes_masks_overlays_and_quality_lines(tmp_path: Path) -> None:
     out = tmp_path / "seg"
     res = runner.invoke(app, ["segment", str(SAMPLE_A), str(SAMPLE_B), "--out", str(out), "--weights", SEG,
-                              "--device", "cpu"])
+                              "--device", "cpu", "--backend", "torch"])
     assert res.exit_code == 0, res.output
+    assert "(scr convention, torch)" in plain(res.stdout)
     table = rows(out / "masks.csv")
     assert [r["name"] for r in table] == [SAMPLE_A.stem, SAMPLE_B.stem]
     for r, sample in zip(table, (SAMPLE_A, SAMPLE_B)):
@@ -232,4 +233,11 @@ def test_segment_full_convention_uses_the_two_convention_unet(tmp_path: Path) ->
     # the v0.1 U-Net has no full output: a clear refusal naming the one that has
     res = runner.invoke(app, ["segment", str(SAMPLES / "kcx-IM-0117-0001.jpg"), "--out", str(tmp_path / "o2"),
                               "--convention", "full", "--weights", "lung_unet_jsrt"])
-    assert res.exit_code == 2 and "lung_unet_v7" in plain(res.output + (res.stderr or ""))
+    assert res.exit_code == 2 and "lung_unet_v7b" in plain(res.output + (res.stderr or ""))
+
+
+def test_segment_refuses_an_unknown_backend(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["segment", str(SAMPLE_A), "--out", str(tmp_path / "o"), "--backend", "tensorrt"])
+    text = plain(res.output + (res.stderr or ""))
+    assert res.exit_code == 2 and "--backend 'tensorrt'" in text and "auto, onnx, torch" in text
+    assert not (tmp_path / "o" / "masks.csv").exists()

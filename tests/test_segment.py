@@ -523,10 +523,11 @@ def test_train_segmenter_smoke_resume_and_refuse(tmp_path: Path, jsrt_dir: Path,
     assert (run / "history.csv").read_text().splitlines() == history2
 
 
-def test_shipped_v7_unet_keeps_the_sick_lung(v7_dir: Path) -> None:
-    """The shipped two-convention U-Net on held-out V7 images (its own saved test ids): the `full`
+@pytest.mark.parametrize("name", ["lung_unet_v7", "lung_unet_v7b"])
+def test_shipped_v7_unet_keeps_the_sick_lung(v7_dir: Path, name: str) -> None:
+    """The shipped two-convention U-Nets on held-out V7 images (their own saved test ids): the `full`
     mask scores well against the manual outline and covers more of it than the `scr` mask."""
-    seg = LungSegmenter.from_pretrained("lung_unet_v7")
+    seg = LungSegmenter.from_pretrained(name)
     assert seg.conventions == ("scr", "full")
     test_ids = seg.config["split"]["v7"]["test"]
     cases = {c.case_id: c for c in discover_v7(v7_dir)}
@@ -538,6 +539,35 @@ def test_shipped_v7_unet_keeps_the_sick_lung(v7_dir: Path) -> None:
         s_full, s_scr = mask_scores(full.mask_work, ref), mask_scores(scr.mask_work, ref)
         scores.append(s_full["jaccard"])
         missed.append((s_full["missed"], s_scr["missed"]))
-    assert np.mean(scores) > 0.85, scores  # all 39: 0.891 (docs/results.md, section 1b)
+    assert np.mean(scores) > 0.85, scores  # all 39: 0.891 (v7), 0.911 (v7b) (docs/results.md, section 1b)
     full_missed, scr_missed = np.mean(missed, axis=0)
     assert full_missed < 0.06 and full_missed < scr_missed  # the full lung field includes what scr leaves out
+
+
+def test_onnx_backend_gives_the_torch_masks(legacy_seg: LungSegmenter, jsrt_dir: Path) -> None:
+    """`segment`'s default backend (ONNX Runtime when installed) against PyTorch on real radiographs."""
+    import dataclasses
+    import pickle
+
+    from patchflannel.backend import onnx_available
+
+    if not onnx_available():
+        pytest.skip("onnxruntime/onnx not installed: the onnx backend is an optional extra")
+    held_out = legacy_seg.config["split"]["test"][:2]
+    files = [str(c.image) for c in discover_jsrt(jsrt_dir) if c.case_id in held_out]
+    fast = dataclasses.replace(legacy_seg, backend="onnx")
+    assert legacy_seg.backend_used() == "torch" and fast.backend_used() == "onnx"
+    ref, got = legacy_seg.segment(files), fast.segment(files)
+    for r, g in zip(ref, got):
+        assert mask_scores(g.mask_work, r.mask_work)["jaccard"] > 0.999
+        assert g.quality.components == r.quality.components
+    # a segmenter with a live session still pickles (worker processes); the copy rebuilds it on first use
+    again = pickle.loads(pickle.dumps(fast))
+    assert again._run is None and again.backend == "onnx"
+    assert np.array_equal(again.segment(files[:1])[0].mask_work, got[0].mask_work)
+
+
+def test_unknown_backend_is_refused() -> None:
+    seg = tiny_segmenter()
+    with pytest.raises(ValueError, match="backend 'tensorrt'"):
+        LungSegmenter(seg.model, seg.preprocess, backend="tensorrt")
