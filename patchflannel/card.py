@@ -48,9 +48,9 @@ SEGMENTER_ROLES = {
                       "JSRT/SCR only.",
     "lung_unet_v7": "the shipped classifier's segmenter (its learners were trained on these `scr` masks; "
                     "`weights/ensemble` pins it by sha256).",
-    "lung_unet_v7b": "the default for `segment --convention full`: `lung_unet_v7` trained 12 epochs more at "
-                     "lr 1e-4 (`train-seg --set model.init=lung_unet_v7 …`, docs/results.md §1b), best "
-                     "validation at the last epoch.",
+    "lung_unet_v7b": "the default for `segment --convention full`: `lung_unet_v7` trained 12 epochs more, "
+                     "from lr 1e-4 (halved to 5e-5 at epoch 6 by the plateau schedule; `train-seg --set "
+                     "model.init=lung_unet_v7 …`, docs/results.md §1b), best validation at the last epoch.",
 }
 
 

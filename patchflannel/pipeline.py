@@ -22,6 +22,8 @@ Saved layout (:meth:`Classifier.save_pretrained`)::
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import itertools
 import logging
@@ -196,6 +198,8 @@ class Classifier:
         self.device = torch.device(device)
         self.backend = backend
         self._runners: dict[tuple[str, ...], tuple[Any, str]] = {}
+        if segmenter.backend != "torch":  # the masks must be the training cache's, bit for bit (see prepare)
+            segmenter = dataclasses.replace(segmenter, backend="torch")
         self.segmenter = segmenter.to(self.device)
         self.learners = {n: [m.to(self.device).eval() for m in ms] for n, ms in learners.items()}
         self.combiner = combiner.to(self.device).eval()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,10 +242,13 @@ class LungSegmenter:
     threshold: float = 0.5
     config: dict[str, Any] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
-    # torch (default: what training and eval-seg measure), onnx (ONNX Runtime on the CPU: ≈ 1.9× faster U-Net
-    # forward here, logits equal to 1e-4) or auto (onnx when installed and on the CPU). Built at the first call.
+    # torch (default: what training, eval-seg and predict use), onnx (ONNX Runtime on the CPU: U-Net forward
+    # 55 vs 89 ms per image in benchmarks/results/seg_backends; logits within 1e-2 of PyTorch's, checked when
+    # built, ≈ 2e-5 here) or auto (onnx when installed and on the CPU). The graph is exported from the weights
+    # at the first call: after changing the weights in place, make a new segmenter (or call .to()).
     backend: str = "torch"
     _run: Any = field(default=None, init=False, repr=False, compare=False)
+    _lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from .backend import BACKENDS
@@ -255,7 +259,10 @@ class LungSegmenter:
         self.model = self.model.to(self.device).eval()
 
     def __getstate__(self) -> dict[str, Any]:  # an ONNX Runtime session does not pickle; rebuilt on first use
-        return {**self.__dict__, "_run": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_run", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _run=None, _lock=threading.Lock())
 
     # ---------------------------------------------------------------- persistence
 
@@ -317,11 +324,12 @@ class LungSegmenter:
         onnxruntime, off the CPU, or when the exported graph does not match PyTorch)."""
         if self.backend == "torch":
             return "torch"
-        if self._run is None:
-            from .backend import runner
+        with self._lock:  # threads sharing a segmenter build one session, not one each
+            if self._run is None:
+                from .backend import runner
 
-            run, used = runner([self.model], self.preprocess.size, self.backend, self.device, in_chans=1)
-            self._run = (run, used)
+                run, used = runner([self.model], self.preprocess.size, self.backend, self.device, in_chans=1)
+                self._run = (run, used)
         return str(self._run[1])
 
     # ---------------------------------------------------------------- inference

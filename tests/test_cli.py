@@ -205,7 +205,7 @@ def test_segment_writes_masks_overlays_and_quality_lines(tmp_path: Path) -> None
     res = runner.invoke(app, ["segment", str(SAMPLE_A), str(SAMPLE_B), "--out", str(out), "--weights", SEG,
                               "--device", "cpu", "--backend", "torch"])
     assert res.exit_code == 0, res.output
-    assert "(scr convention, torch)" in plain(res.stdout)
+    assert f"(scr convention, {SEG}, torch)" in plain(res.stdout)
     table = rows(out / "masks.csv")
     assert [r["name"] for r in table] == [SAMPLE_A.stem, SAMPLE_B.stem]
     for r, sample in zip(table, (SAMPLE_A, SAMPLE_B)):
@@ -228,6 +228,7 @@ def test_segment_full_convention_uses_the_two_convention_unet(tmp_path: Path) ->
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader((tmp_path / "o" / "masks.csv").open()))
     assert [r["convention"] for r in rows] == ["full"] and rows[0]["status"] == "ok"
+    assert "(full convention, lung_unet_v7b, " in plain(res.stdout)  # the default full-convention U-Net
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["status"] == "finished"
     # the v0.1 U-Net has no full output: a clear refusal naming the one that has

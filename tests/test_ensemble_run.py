@@ -406,6 +406,12 @@ def test_calibration_json(ran: tuple[list[Path], Path, dict[str, Any]]) -> None:
         assert r["accuracy"] == pytest.approx(float((pf.argmax(1) == test.y).mean()))
         assert r["mean_confidence"] == pytest.approx(float(pf.max(1).mean()), abs=1e-6)
         assert r["ece"] == pytest.approx(expected_calibration_error(pf, test.y), abs=1e-6)
+    # ... and the model card's calibration line says it
+    from patchflannel.ensemble_run import _measured_figures
+
+    line = _measured_figures(out)["Calibration (test)"]
+    first = per_fold[0]
+    assert f"one fold model alone: {first['mean_confidence']:.3f} vs {first['accuracy']:.3f}" in line
 
 
 def _no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -532,7 +538,8 @@ def test_export_half_and_segmenter_object(ran: tuple[list[Path], Path, dict[str,
     with safe_open(str(member / "model.safetensors"), "pt") as fh:
         assert {fh.get_tensor(k).dtype for k in fh.keys() if fh.get_tensor(k).is_floating_point()} == {torch.float16}
     assert json.loads((member / "config.json").read_text())["stored_dtype"] == "float16"
-    clf = Classifier.from_pretrained(dest, segmenter=LungSegmenter.from_pretrained(segmenter_dir))
+    clf = Classifier.from_pretrained(dest, segmenter=LungSegmenter.from_pretrained(segmenter_dir, backend="auto"))
+    assert clf.segmenter.backend == "torch"  # a classifier's masks are the training cache's: PyTorch U-Net only
     original = Learner.from_pretrained(runs[1] / "anti" / "fold1" / "best")
     loaded = clf.learners["anti"][1]
     assert loaded.info["member"] == "fold1"

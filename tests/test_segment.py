@@ -523,8 +523,8 @@ def test_train_segmenter_smoke_resume_and_refuse(tmp_path: Path, jsrt_dir: Path,
     assert (run / "history.csv").read_text().splitlines() == history2
 
 
-@pytest.mark.parametrize("name", ["lung_unet_v7", "lung_unet_v7b"])
-def test_shipped_v7_unet_keeps_the_sick_lung(v7_dir: Path, name: str) -> None:
+@pytest.mark.parametrize("name,floor", [("lung_unet_v7", 0.85), ("lung_unet_v7b", 0.88)])
+def test_shipped_v7_unet_keeps_the_sick_lung(v7_dir: Path, name: str, floor: float) -> None:
     """The shipped two-convention U-Nets on held-out V7 images (their own saved test ids): the `full`
     mask scores well against the manual outline and covers more of it than the `scr` mask."""
     seg = LungSegmenter.from_pretrained(name)
@@ -539,7 +539,7 @@ def test_shipped_v7_unet_keeps_the_sick_lung(v7_dir: Path, name: str) -> None:
         s_full, s_scr = mask_scores(full.mask_work, ref), mask_scores(scr.mask_work, ref)
         scores.append(s_full["jaccard"])
         missed.append((s_full["missed"], s_scr["missed"]))
-    assert np.mean(scores) > 0.85, scores  # all 39: 0.891 (v7), 0.911 (v7b) (docs/results.md, section 1b)
+    assert np.mean(scores) > floor, scores  # these 10: 0.886 (v7), 0.914 (v7b); all 39: 0.891, 0.911 (results §1b)
     full_missed, scr_missed = np.mean(missed, axis=0)
     assert full_missed < 0.06 and full_missed < scr_missed  # the full lung field includes what scr leaves out
 
@@ -552,12 +552,13 @@ def test_onnx_backend_gives_the_torch_masks(legacy_seg: LungSegmenter, jsrt_dir:
     from patchflannel.backend import onnx_available
 
     if not onnx_available():
-        pytest.skip("onnxruntime/onnx not installed: the onnx backend is an optional extra")
+        pytest.skip("onnxruntime/onnx not importable: the onnx backend cannot run")
     held_out = legacy_seg.config["split"]["test"][:2]
     files = [str(c.image) for c in discover_jsrt(jsrt_dir) if c.case_id in held_out]
     fast = dataclasses.replace(legacy_seg, backend="onnx")
     assert legacy_seg.backend_used() == "torch" and fast.backend_used() == "onnx"
     ref, got = legacy_seg.segment(files), fast.segment(files)
+    assert all(r.mask_work.any() for r in ref)
     for r, g in zip(ref, got):
         assert mask_scores(g.mask_work, r.mask_work)["jaccard"] > 0.999
         assert g.quality.components == r.quality.components
