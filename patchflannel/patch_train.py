@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from ._files import write_json, write_npz
+from ._files import file_sha256, write_json, write_npz
 from .config import Section, config_to_yaml
 from .data import CLASSES, CxrData, check_grouped, inner_validation, make_splits
 from .errors import ConfigChangedError, DataError, ResumeError
@@ -295,7 +295,7 @@ def train_model(name: str, data: CxrData, train_idx: list[int], val_idx: list[in
     dist.barrier()
     best = Learner.from_pretrained(out_dir / "best", dist.device)
     weights = out_dir / "best" / "model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "none"
+    digest = file_sha256(weights)[:16] if weights.is_file() else "none"
     return best, {"best_epoch": result.best_epoch, "best_score": result.best_score, "epochs_run": result.epochs_run,
                   "seconds": result.seconds, "hash": trainer.hash, "weights": digest}
 

@@ -23,7 +23,6 @@ Saved layout (:meth:`Classifier.save_pretrained`)::
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import itertools
 import logging

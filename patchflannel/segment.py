@@ -324,6 +324,8 @@ class LungSegmenter:
         onnxruntime, off the CPU, or when the exported graph does not match PyTorch)."""
         if self.backend == "torch":
             return "torch"
+        if self._run is not None:  # built: no lock on the per-batch path
+            return str(self._run[1])
         with self._lock:  # threads sharing a segmenter build one session, not one each
             if self._run is None:
                 from .backend import runner
