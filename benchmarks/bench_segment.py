@@ -1,21 +1,24 @@
 """Lung segmentation throughput at 1024², from the file on disk to the cleaned mask.
 
-For N JSRT radiographs, per batch of B images: ``read_image`` from disk,
-``resize`` to 1024² (area; a no-op for the 1024² JSRT PNGs, kept because other
-inputs need it, as ``Pipeline.predict`` does), then ``LungSegmenter.predict``
-with ``batch_size=B`` (preprocess to the net's size + CLAHE, U-Net forward,
-bilinear upsample to 1024², sigmoid, threshold, two largest components, holes
-filled) → ``(1024,1024) bool`` masks. The reported time is the median of
-``--repeats`` full passes over the N images, after ``--warmup`` untimed
-batches. Files are re-read from disk on every pass (warm OS cache after the
-first pass, as in any repeated run).
+For N JSRT radiographs, per batch of B images: ``read_images`` from disk (on
+the CPUs' threads, as ``segment`` reads), ``resize`` to 1024² (area; a no-op for
+the 1024² JSRT PNGs, kept because other inputs need it, as ``Pipeline.predict``
+does), then ``LungSegmenter.predict`` with ``batch_size=B`` (preprocess to the
+net's size + CLAHE, U-Net forward, bilinear upsample to 1024², threshold, two
+largest components, holes filled; the per-image steps on threads) →
+``(1024,1024) bool`` masks. Writing the masks and overlays (what ``segment``
+also does) is not timed. The reported time is the median of ``--repeats`` full
+passes over the N images, after ``--warmup`` untimed batches. Files are re-read
+from disk on every pass (warm OS cache after the first pass, as in any
+repeated run).
 
 The time split (read / resize / preprocess (resize to the net's size +
-CLAHE) / forward (U-Net) / upsample (bilinear to 1024², sigmoid, copy to the
-CPU) / postprocess (threshold, components, holes), in ms per image) comes from one extra instrumented pass per batch size that calls the
-same steps one at a time (mirroring ``LungSegmenter.predict_prob`` and
-``predict``); ``split_total_ms`` lets you check that it adds up to the
-end-to-end time. ``--no-split`` skips it.
+CLAHE) / forward (U-Net) / upsample (bilinear to 1024²: PyTorch + sigmoid, or
+OpenCV on the logits with ONNX Runtime) / postprocess (threshold, components,
+holes), in ms per image) comes from one extra instrumented pass per batch size
+that runs the same steps one stage at a time (mirroring ``LungSegmenter.segment``);
+``split_total_ms`` lets you check that it adds up to the end-to-end time.
+``--no-split`` skips it.
 
 Backends (``--backends``, default ``torch onnx``): the U-Net forward in PyTorch (what training and
 ``eval-seg`` use) and in ONNX Runtime (``segment``'s default when onnxruntime is installed), timed
@@ -44,9 +47,11 @@ import dataclasses
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,13 +61,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from patchflannel.errors import PatchflannelError
-from patchflannel.io import read_image, resize
+from patchflannel.io import read_images, resize
 from patchflannel.segment import (
     CONVENTIONS,
     DEFAULT_SEGMENTER,
     WORK_SIZE,
     LungSegmenter,
     Preprocess,
+    _logit,
     build_unet,
     postprocess,
 )
@@ -125,11 +131,20 @@ def build_segmenter(args: argparse.Namespace, device: torch.device) -> tuple[Lun
     return seg, str(args.weights), str(seg.config.get("encoder", "?"))
 
 
+def read_files(paths: Sequence[Path]) -> list[np.ndarray]:
+    """Read on the CPUs' threads, as ``segment``'s CLI does (``io.read_images``); any unreadable file stops the run."""
+    images = read_images(paths)
+    for im in images:
+        if isinstance(im, Exception):
+            raise SystemExit(f"error: {im}")
+    return images
+
+
 def segment_files(seg: LungSegmenter, paths: Sequence[Path], batch_size: int) -> list[np.ndarray]:
     """The timed path: files → ``(1024,1024) bool`` masks, ``batch_size`` images per predict call."""
     masks: list[np.ndarray] = []
     for start in range(0, len(paths), batch_size):
-        images = [resize(read_image(p), WORK_SIZE, "area") for p in paths[start:start + batch_size]]
+        images = [resize(im, WORK_SIZE, "area") for im in read_files(paths[start:start + batch_size])]
         masks += seg.predict(images, batch_size=batch_size)
     return masks
 
@@ -139,27 +154,35 @@ def split_pass(seg: LungSegmenter, paths: Sequence[Path], batch_size: int, devic
     channel = seg.conventions.index("scr")
     clock = common.StageClock(STAGES, device)
     spent, tick = clock.spent, clock.tick
+    onnx = seg.backend_used() == "onnx"
+    cut = _logit(seg.threshold) if onnx else seg.threshold
 
-    for start in range(0, len(paths), batch_size):
-        t = time.perf_counter()
-        raw = [read_image(p) for p in paths[start:start + batch_size]]
-        t = tick("read", t)
-        images = [resize(im, WORK_SIZE, "area") for im in raw]
-        t = tick("resize", t)
-        # From here on: LungSegmenter.predict_prob and predict, one step at a time.
-        batch = np.stack([seg.preprocess(im) for im in images])
-        t = tick("preprocess", t)
-        with torch.inference_mode():
-            logits = seg.predict_logits(batch)[:, channel:channel + 1]
-            t = tick("forward", t)
-            up = F.interpolate(logits, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False)
-            probs = torch.sigmoid(up)[:, 0].float().cpu().numpy()
-        t = tick("upsample", t)
-        for im, prob in zip(images, probs):
-            mask, _ = postprocess(prob, seg.threshold)
-            if mask.shape != im.shape:
-                mask = resize(mask, im.shape, "nearest")
-        tick("postprocess", t)
+    def clean(im: np.ndarray, m: np.ndarray) -> np.ndarray:
+        mask, _ = postprocess(m, cut)
+        return resize(mask, im.shape, "nearest") if mask.shape != im.shape else mask
+
+    with ThreadPoolExecutor(max(1, min(4, torch.get_num_threads()))) as pool:
+        for start in range(0, len(paths), batch_size):
+            t = time.perf_counter()
+            raw = read_files(paths[start:start + batch_size])
+            t = tick("read", t)
+            images = [resize(im, WORK_SIZE, "area") for im in raw]
+            t = tick("resize", t)
+            # From here on: LungSegmenter.segment, one step at a time (threads where it uses them).
+            batch = np.stack(list(pool.map(seg.preprocess, images)) if onnx else [seg.preprocess(im) for im in images])
+            t = tick("preprocess", t)
+            with torch.inference_mode():
+                logits = seg.predict_logits(batch)[:, channel:channel + 1]
+                t = tick("forward", t)
+                if onnx:  # bilinear on the logits with OpenCV; the cut is the matching logit
+                    maps = list(pool.map(lambda lg: cv2.resize(lg, (WORK_SIZE, WORK_SIZE), interpolation=cv2.INTER_LINEAR),
+                                         logits[:, 0].numpy()))
+                else:
+                    up = F.interpolate(logits, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False)
+                    maps = list(torch.sigmoid(up)[:, 0].float().cpu().numpy())
+            t = tick("upsample", t)
+            list(pool.map(clean, images, maps))
+            tick("postprocess", t)
     return spent
 
 
@@ -222,7 +245,7 @@ def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None)
             if "torch" in timings:
                 row["ratio_to_torch"] = timings["torch"].median / timing.median
             row["meets_goal"] = row["images_per_s"] >= GOAL_IMAGES_PER_S
-            note = (f"read_image from disk → resize 1024² → LungSegmenter.predict ({bk}) → 1024² bool masks; "
+            note = (f"read_images from disk → resize 1024² → LungSegmenter.predict ({bk}) → 1024² bool masks; "
                     "backends timed round-robin in one run")
             if args.split:
                 spent = split_pass(segs[bk], paths, b, device)

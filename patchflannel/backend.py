@@ -170,15 +170,20 @@ class _OnnxRunner:
         self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
     def __call__(self, x: Tensor) -> Tensor:
-        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.run_array(x.detach().cpu().numpy()))
+
+    def run_array(self, x: np.ndarray) -> np.ndarray:
+        """The same forward, numpy in and out: no PyTorch op runs (none wakes PyTorch's OpenMP threads,
+        whose spinning slowed ONNX Runtime's sessions by ≈ 1.5× in benchmarks/bench_segment.py)."""
+        arr = np.ascontiguousarray(x, dtype=np.float32)
         slot = getattr(_bound, "slot", None)
         if slot is not None:  # an image-parallel worker: its own session (shared if workers > sessions), its whole batch
-            return torch.from_numpy(self.sessions[slot % self.workers].run(None, {"x": arr})[0])
+            return self.sessions[slot % self.workers].run(None, {"x": arr})[0]
         parts = np.array_split(arr, min(self.workers, len(arr))) if len(arr) else [arr]
         if self.pool is None or len(parts) == 1:
-            return torch.from_numpy(self.sessions[0].run(None, {"x": arr})[0])
+            return self.sessions[0].run(None, {"x": arr})[0]
         futures = [self.pool.submit(s.run, None, {"x": part}) for s, part in zip(self.sessions, parts)]
-        return torch.from_numpy(np.concatenate([f.result()[0] for f in futures], axis=1))
+        return np.concatenate([f.result()[0] for f in futures], axis=1)
 
 
 def _torch_runner(model: nn.Module) -> Runner:

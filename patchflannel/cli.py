@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -133,6 +134,15 @@ def _input_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
+def _write_mask(mask_path: Path, overlay_path: Path | None, image: Any, mask: Any) -> None:
+    from .io import to_uint8, write_png
+    from .segment import overlay
+
+    write_png(mask_path, to_uint8(mask))
+    if overlay_path is not None:
+        write_png(overlay_path, overlay(image, mask))
+
+
 def _read_batch(files: list[Path], od: Any, csv_name: str, columns: list[str], names: dict[Path, str],
                 results: list[dict[str, Any]], advance: Callable[[], None],
                 deferred: list[Callable[[], None]] | None = None) -> tuple[list[Path], list[Any]]:
@@ -141,15 +151,15 @@ def _read_batch(files: list[Path], od: Any, csv_name: str, columns: list[str], n
     caller runs the callables appended there: rows stay in input order when batches are read ahead);
     the readable ones are returned."""
     from .errors import ImageReadError
-    from .io import read_image
+    from .io import read_images
 
     batch, images = [], []
-    for f in files:
-        try:
-            images.append(read_image(f))
+    for f, got in zip(files, read_images(files)):
+        if not isinstance(got, ImageReadError):
+            images.append(got)
             batch.append(f)
-        except ImageReadError as exc:
-            def report(f: Path = f, exc: ImageReadError = exc) -> None:
+        else:
+            def report(f: Path = f, exc: ImageReadError = got) -> None:
                 console.print(f"[red]✗[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 od.append_row(csv_name, {"file": str(f), "name": names[f], "status": "error", "error": exc.problem},
                               columns)
@@ -194,6 +204,9 @@ def segment(
                                                     "lung_unet_jsrt for --convention scr, lung_unet_v7b for full.")] = None,
     store: Annotated[Optional[Path], typer.Option(help="Also write images + masks at 1024² to this HDF5 store.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=256)] = 4,
+    overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write OUT/overlays/NAME.png (the outline "
+                                                                            "on the radiograph; its PNG encoding is "
+                                                                            "most of segment's time per image).")] = True,
     backend: Annotated[str, typer.Option("--backend", help="What runs the U-Net: auto (ONNX Runtime on the CPU when "
                                                            "installed; 1.16–1.36× the images/s here), onnx or torch (what "
                                                            "eval-seg measures; masks agree to a few border pixels).")] = "auto",
@@ -205,10 +218,10 @@ def segment(
     _setup_logging(verbose)
     with _guard():
         from .errors import OutputError
-        from .io import resize, to_uint8, write_png
+        from .io import default_threads, resize
         from .outputs import OutputDir, unique_names
         from .runtime import resolve_device
-        from .segment import CONVENTIONS, DEFAULT_SEGMENTER, FULL_SEGMENTER, WORK_SIZE, LungSegmenter, overlay
+        from .segment import CONVENTIONS, DEFAULT_SEGMENTER, FULL_SEGMENTER, WORK_SIZE, LungSegmenter
         from .store import StoreWriter
 
         from .backend import BACKENDS
@@ -241,10 +254,13 @@ def segment(
                                                     results, lambda: progress.advance(task))
                         if not images:
                             continue
-                        for f, im, res in zip(batch, images, seg.segment(images, convention, batch_size)):
+                        segs = seg.segment(images, convention, batch_size)
+                        jobs = [(od.file("masks", f"{names[f]}.png"), od.file("overlays", f"{names[f]}.png") if overlays
+                                 else None, im, res.mask) for f, im, res in zip(batch, images, segs)]
+                        with ThreadPoolExecutor(max(1, min(len(jobs), default_threads()))) as pool:  # PNG encoding releases the GIL
+                            list(pool.map(_write_mask, *zip(*jobs)))  # all files of the batch written before its rows
+                        for f, im, res in zip(batch, images, segs):
                             name, q = names[f], res.quality
-                            write_png(od.file("masks", f"{name}.png"), to_uint8(res.mask))
-                            write_png(od.file("overlays", f"{name}.png"), overlay(im, res.mask))
                             if writer is not None:
                                 writer.add(name, resize(im, WORK_SIZE, "area"), res.mask_work,
                                            {"source_file": str(f), "orig_height": im.shape[0], "orig_width": im.shape[1]})
@@ -255,8 +271,8 @@ def segment(
                                                         "suspicious": int(q.suspicious), "reason": q.reason}, SEG_COLUMNS)
                             detail = f"{im.shape[1]}×{im.shape[0]}, lungs {100 * q.lung_fraction:.1f} %"
                             if q.suspicious:
-                                detail += f" [yellow](check the overlay: {q.reason})[/]"
-                            results.append({"file": f, "status": "ok", "detail": detail})
+                                detail += f" [yellow](check the {'overlay' if overlays else 'mask'}: {q.reason})[/]"
+                            results.append({"file": f, "status": "ok", "detail": detail, "suspicious": q.suspicious})
                             progress.advance(task)
             except BaseException:
                 if writer is not None:
@@ -267,10 +283,10 @@ def segment(
         elapsed = time.perf_counter() - t0
         _summary_table(results, "segment")
         n_ok = sum(r["status"] == "ok" for r in results)
-        n_sus = sum("check the overlay" in r["detail"] for r in results)
+        n_sus = sum(bool(r.get("suspicious")) for r in results)
         out.print(f"{n_ok}/{len(results)} segmented in {elapsed:.1f} s ({convention} convention, {weights}, {used}) "
                   f"→ {out_dir / 'masks'}, "
-                  f"{out_dir / 'overlays'}, quality lines in {out_dir / 'masks.csv'}"
+                  + (f"{out_dir / 'overlays'}, " if overlays else "") + f"quality lines in {out_dir / 'masks.csv'}"
                   + (f"; {n_sus} flagged suspicious" if n_sus else "") + (f", store: {store}" if store and n_ok else ""))
         if n_ok < len(results):
             raise typer.Exit(1)

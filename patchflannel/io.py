@@ -34,6 +34,7 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,8 @@ from .errors import ImageReadError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageReadError", "as_images", "list_images", "read_image", "read_mask", "resize", "to_gray_unit", "to_uint8",
-           "write_png"]
+__all__ = ["ImageReadError", "as_images", "default_threads", "list_images", "read_image", "read_images", "read_mask", "resize",
+           "to_gray_unit", "to_uint8", "write_png"]
 
 JSRT_RAW_SHAPE = (2048, 2048)
 JSRT_RAW_BYTES = JSRT_RAW_SHAPE[0] * JSRT_RAW_SHAPE[1] * 2
@@ -325,6 +326,30 @@ def read_image(path: str | os.PathLike[str], min_side: int = MIN_SIDE, check_con
         else:
             img = to_gray_unit(raw, path, order="bgr")
     return _check_image(path, img, min_side, check_constant)
+
+
+def read_images(paths: Sequence[str | os.PathLike[str]], threads: int | None = None,
+                min_side: int = MIN_SIDE) -> list[np.ndarray | ImageReadError]:
+    """:func:`read_image` of each path on ``threads`` threads (default: the usable CPUs, at most 4;
+    decoding releases the GIL) → the images in input order, an :class:`ImageReadError` in place of each
+    unreadable file (other exceptions propagate)."""
+    def read(p: str | os.PathLike[str]) -> np.ndarray | ImageReadError:
+        try:
+            return read_image(p, min_side=min_side)
+        except ImageReadError as exc:
+            return exc
+
+    n = max(1, min(len(paths), threads or default_threads()))
+    if n == 1:
+        return [read(p) for p in paths]
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(read, paths))
+
+
+def default_threads() -> int:
+    """Threads for per-file work (reading, writing): the CPUs this process may use, at most 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:

@@ -23,9 +23,11 @@ equalisation + gamma) is stored in the weights' config and re-applied exactly.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,10 +346,10 @@ class LungSegmenter:
     @torch.inference_mode()
     def predict_logits(self, net_inputs: np.ndarray) -> torch.Tensor:
         """``(B,S,S) float32`` preprocessed → ``(B,C,S,S)`` logits (one channel per convention)."""
-        x = torch.from_numpy(np.ascontiguousarray(net_inputs, dtype=np.float32)).unsqueeze(1).to(self.device)
-        if self.backend_used() == "onnx":
-            return self._run[0](x - 0.5)[0]
-        return self.model(x - 0.5)
+        x = np.ascontiguousarray(net_inputs, dtype=np.float32)[:, None]
+        if self.backend_used() == "onnx":  # numpy only: no PyTorch op wakes its threads (see _OnnxRunner.run_array)
+            return torch.from_numpy(self._run[0].run_array(x - np.float32(0.5))[0])
+        return self.model(torch.from_numpy(x).to(self.device) - 0.5)
 
     @torch.inference_mode()
     def predict_prob(self, images: Any, convention: str = "scr", work_size: int = WORK_SIZE) -> np.ndarray:
@@ -359,15 +361,24 @@ class LungSegmenter:
         return prob[:, 0].float().cpu().numpy()
 
     def segment(self, images: Any, convention: str = "scr", batch_size: int = 8) -> list[Segmentation]:
-        """Images (paths, arrays, lists; see :func:`patchflannel.io.as_images`) → one :class:`Segmentation` each."""
+        """Images (paths, arrays, lists; see :func:`patchflannel.io.as_images`) → one :class:`Segmentation` each.
+
+        The per-image steps (preprocessing and, with ONNX Runtime, upsampling; the clean-up) run on
+        ``torch.get_num_threads()`` threads (at most 4); a result does not depend on them.
+        """
         imgs = as_images(images)
+        c = self._channel(convention)
+        onnx = self.backend_used() == "onnx"
         out: list[Segmentation] = []
-        for i in range(0, len(imgs), batch_size):
-            chunk = imgs[i:i + batch_size]
-            for im, p in zip(chunk, self.predict_prob(chunk, convention)):
-                work, q = postprocess(p, self.threshold)
-                mask = resize(work, im.shape, "nearest") if work.shape != im.shape else work
-                out.append(Segmentation(mask, work, q, convention))
+        with ThreadPoolExecutor(max(1, min(4, torch.get_num_threads()))) as pool:
+            for i in range(0, len(imgs), batch_size):
+                chunk = imgs[i:i + batch_size]
+                if onnx:  # no PyTorch op on this path: upsample the logits, threshold at the matching logit
+                    logits = self.predict_logits(np.stack(list(pool.map(self.preprocess, chunk)))).numpy()[:, c]
+                    maps, cut, up = list(logits), _logit(self.threshold), True
+                else:  # what training, eval-seg and the classifier's mask cache use, unchanged
+                    maps, cut, up = list(self.predict_prob(chunk, convention)), self.threshold, False
+                out += pool.map(lambda im, m: _finish(im, m, cut, up, convention), chunk, maps)
         return out
 
     def predict(self, images: Any, convention: str = "scr", batch_size: int = 8) -> list[np.ndarray]:
@@ -376,6 +387,19 @@ class LungSegmenter:
 
     def __call__(self, images: Any, convention: str = "scr") -> list[np.ndarray]:
         return self.predict(images, convention)
+
+
+def _logit(p: float) -> float:
+    """The logit cut equivalent to ``sigmoid(x) >= p``."""
+    return -math.inf if p <= 0 else math.inf if p >= 1 else math.log(p / (1 - p))
+
+
+def _finish(image: np.ndarray, prob_or_logit: np.ndarray, cut: float, upsample: bool, convention: str) -> Segmentation:
+    """One image: (bilinear to 1024², as F.interpolate(align_corners=False) does), threshold, clean, back to its size."""
+    m = cv2.resize(prob_or_logit, (WORK_SIZE, WORK_SIZE), interpolation=cv2.INTER_LINEAR) if upsample else prob_or_logit
+    work, q = postprocess(m, cut)
+    mask = resize(work, image.shape, "nearest") if work.shape != image.shape else work
+    return Segmentation(mask, work, q, convention)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 0, 255),

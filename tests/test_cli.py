@@ -222,6 +222,18 @@ def test_segment_writes_masks_overlays_and_quality_lines(tmp_path: Path) -> None
     assert "2/2 segmented" in plain(res.stdout)
 
 
+def test_segment_no_overlays_writes_masks_and_rows_only(tmp_path: Path) -> None:
+    out = tmp_path / "seg"
+    res = runner.invoke(app, ["segment", str(SAMPLE_A), str(SAMPLE_B), str(tmp_path / "missing.png"), "--out", str(out),
+                              "--weights", SEG, "--no-overlays", "--batch-size", "2"])
+    assert res.exit_code == 1, res.output  # the missing file: reported, the others done
+    table = rows(out / "masks.csv")
+    assert [r["status"] for r in table] == ["ok", "ok", "error"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted([f"{SAMPLE_A.stem}.png", f"{SAMPLE_B.stem}.png"])
+    assert not (out / "overlays").exists()
+    assert "seg/overlays" not in plain(res.stdout).replace("\n", "")
+
+
 def test_segment_full_convention_uses_the_two_convention_unet(tmp_path: Path) -> None:
     res = runner.invoke(app, ["segment", str(SAMPLES / "kcx-IM-0117-0001.jpg"), "--out", str(tmp_path / "o"),
                               "--convention", "full"])

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from patchflannel.errors import PatchflannelError
-from patchflannel.io import (JSRT_RAW_SHAPE, ImageReadError, as_images, list_images, read_image, read_mask, resize,
-                             sniff_format, to_gray_unit, to_uint8, write_png)
+from patchflannel.io import (JSRT_RAW_SHAPE, ImageReadError, as_images, list_images, read_image, read_images, read_mask,
+                             resize, sniff_format, to_gray_unit, to_uint8, write_png)
 
 
 def gradient(h: int = 96, w: int = 128) -> np.ndarray:
@@ -451,3 +451,24 @@ def test_real_cxr_jpeg(cxr_dir: Path) -> None:
         pytest.skip(f"no JPEG in {cxr_dir / 'images'}")
     for img in as_images(files):
         assert img.dtype == np.float32 and img.ndim == 2 and 0.0 <= img.min() < img.max() <= 1.0
+
+
+def test_read_images_keeps_the_order_and_puts_each_error_in_its_place(tmp_path: Path) -> None:
+    """The threaded reader `segment`/`predict` use: same images as read_image, input order, errors in place."""
+    paths = []
+    for i in range(5):
+        img = (gradient() * (0.5 + 0.1 * i) * 255).astype(np.uint8)
+        paths.append(tmp_path / f"g{i}.png")
+        cv2.imwrite(str(paths[i]), img)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    paths.insert(2, tmp_path / "bad.png")
+    paths.append(tmp_path / "missing.png")
+    for threads in (1, 3):
+        got = read_images(paths, threads=threads)
+        assert len(got) == len(paths)
+        for p, g in zip(paths, got):
+            if p.name in ("bad.png", "missing.png"):
+                assert isinstance(g, ImageReadError) and p.name in str(g)
+            else:
+                assert np.array_equal(g, read_image(p))
+    assert read_images([]) == []

@@ -30,6 +30,7 @@ from patchflannel.segment import (
     MaskQuality,
     Preprocess,
     Segmentation,
+    _logit,
     build_unet,
     postprocess,
     quality,
@@ -572,3 +573,39 @@ def test_unknown_backend_is_refused() -> None:
     seg = tiny_segmenter()
     with pytest.raises(ValueError, match="backend 'tensorrt'"):
         LungSegmenter(seg.model, seg.preprocess, backend="tensorrt")
+
+
+def test_the_onnx_paths_upsampling_and_logit_cut_match_pytorchs() -> None:
+    """segment() on ONNX Runtime upsamples logits with OpenCV and cuts at the logit of the threshold; PyTorch's path
+    upsamples with F.interpolate and cuts the sigmoid. Same masks, same quality lines."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    logits = cv2.GaussianBlur(rng.normal(0, 4, (4, 256, 256)).astype(np.float32).transpose(1, 2, 0), (0, 0), 6)
+    logits = np.ascontiguousarray(logits.transpose(2, 0, 1) * 8)
+    up_t = F.interpolate(torch.from_numpy(logits)[:, None], size=(1024, 1024), mode="bilinear", align_corners=False)
+    up_cv = np.stack([cv2.resize(lg, (1024, 1024), interpolation=cv2.INTER_LINEAR) for lg in logits])
+    assert np.abs(up_t[:, 0].numpy() - up_cv).max() < 1e-4
+    for t in (0.3, 0.5, 0.8):
+        cut = _logit(t)
+        assert 1 / (1 + math.exp(-cut)) == pytest.approx(t)
+        for lg, prob in zip(up_cv, torch.sigmoid(up_t)[:, 0].numpy()):
+            (a, qa), (b, qb) = postprocess(lg, cut), postprocess(prob, t)
+            assert (a != b).sum() <= 2 and qa.components == qb.components
+    assert _logit(0.0) == -math.inf and _logit(1.0) == math.inf
+
+
+def test_segment_does_not_depend_on_the_thread_count() -> None:
+    seg = tiny_segmenter()
+    rng = np.random.default_rng(1)
+    images = [cv2.GaussianBlur(rng.random((200, 180), np.float32), (0, 0), 3) for _ in range(3)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = seg.segment(images, "full", batch_size=2)
+        torch.set_num_threads(2)
+        two = seg.segment(images, "full", batch_size=2)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert np.array_equal(a.mask, b.mask) and a.mask.shape == (200, 180) and a.quality == b.quality
