@@ -191,6 +191,8 @@ class InputSpec:
     ``normalise="lung_zscore"`` maps each image's intensities so that its lung
     pixels have mean 0.5 and standard deviation 0.2 (clipped to [0,1]) — the
     same radiograph from different devices then looks alike.
+    ``blank_lungs`` (global mode, an ablation): the lungs are 0 and everything
+    else is kept — what a learner can tell from outside the lungs alone.
     """
 
     mode: Literal["patch", "global"] = "patch"
@@ -200,6 +202,7 @@ class InputSpec:
     mask_outside: bool = True
     normalise: Literal["none", "lung_zscore"] = "none"
     work_size: int = 1024
+    blank_lungs: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("patch", "global"):
@@ -208,6 +211,8 @@ class InputSpec:
             raise ValueError(f"patch_size {self.patch_size} must be a multiple of learner_input {self.learner_input} (≥ 16)")
         if self.normalise not in ("none", "lung_zscore"):
             raise ValueError(f"normalise must be 'none' or 'lung_zscore', got {self.normalise!r}")
+        if self.blank_lungs and (self.mode != "global" or self.mask_outside):
+            raise ValueError("blank_lungs is for global learners without mask_outside (the lungs or the rest, not both)")
 
     @property
     def factor(self) -> int:
@@ -221,7 +226,8 @@ class InputSpec:
 
     def crops_key(self) -> tuple[Any, ...]:
         """Learners with equal keys can share one set of crops."""
-        return (self.mode, self.patch_size, self.learner_input, self.global_size, self.mask_outside, self.normalise)
+        return (self.mode, self.patch_size, self.learner_input, self.global_size, self.mask_outside, self.normalise,
+                self.blank_lungs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -285,12 +291,14 @@ def make_inputs(images: Tensor, masks: Tensor, spec: InputSpec, k: int = 1, seed
         raise ValueError(f"images must be (B,1,H,W) uint8 work images, got {tuple(images.shape)} {images.dtype}")
     if spec.mode == "global":
         img = lung_zscore(images, masks) if spec.normalise == "lung_zscore" else images
-        if spec.mask_outside:
-            img = torch.where(masks, img, torch.zeros((), dtype=torch.uint8, device=images.device))
+        if spec.mask_outside or spec.blank_lungs:
+            keep = masks if spec.mask_outside else ~masks
+            img = torch.where(keep, img, torch.zeros((), dtype=torch.uint8, device=images.device))
         x = F.interpolate(img.float(), size=(spec.global_size, spec.global_size), mode="area").div_(255.0)
         cm = None
-        if with_masks:
-            cm = F.interpolate(masks.float(), size=(spec.global_size, spec.global_size), mode="area").unsqueeze(1) >= 0.5
+        if with_masks:  # what stays visible (the lungs, or with blank_lungs everything else)
+            keep = ~masks if spec.blank_lungs else masks
+            cm = F.interpolate(keep.float(), size=(spec.global_size, spec.global_size), mode="area").unsqueeze(1) >= 0.5
         return x.unsqueeze(1), None, cm
     small, small_masks = crop_source(images, masks, spec)
     if generators is None:

@@ -38,7 +38,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ._files import file_sha256, write_json, write_npz
 from .config import Section, config_to_yaml
-from .data import CLASSES, CxrData, check_grouped, inner_validation, make_splits
+from .data import CLASSES, CxrData, check_grouped, inner_validation, make_splits, subsample_groups
 from .errors import ConfigChangedError, DataError, ResumeError
 from .learners import InputSpec, Learner, create_learner, list_learners, make_inputs
 from .pipeline import image_seed
@@ -69,6 +69,7 @@ class PatchSplitConfig(Section):
     folds: int = Field(default=3, ge=2, le=20)
     val_frac: float = Field(default=0.15, gt=0, lt=0.5)
     run_folds: list[int] | None = None  # screening: train only these folds (no refit, no complete OOF votes)
+    train_fraction: float = Field(default=1.0, gt=0, le=1)  # learning curves: keep this share of each fold's training patients
 
 
 class PatchInputConfig(Section):
@@ -77,12 +78,15 @@ class PatchInputConfig(Section):
     global_size: int = Field(default=224, ge=32, le=1024)  # whole-image side for global-NAME learners
     mask_outside: bool = True  # patches: zero the image outside the lungs
     mask_global: bool = False  # global learners: lungs only
+    blank_lungs_global: bool = False  # global learners: everything but the lungs (an ablation: what the rest tells)
     normalise: Literal["none", "lung_zscore"] = "none"
 
     @model_validator(mode="after")
     def _multiple(self) -> PatchInputConfig:
         if self.patch_size % self.learner_input:
             raise ValueError(f"patch_size {self.patch_size} must be a multiple of learner_input {self.learner_input}")
+        if self.mask_global and self.blank_lungs_global:
+            raise ValueError("mask_global (lungs only) and blank_lungs_global (all but the lungs) exclude each other")
         return self
 
 
@@ -128,11 +132,19 @@ class PatchTrainConfig(Section):
             raise ValueError("no learners")
         return v
 
+    @model_validator(mode="after")
+    def _curve(self) -> PatchTrainConfig:
+        if self.split.train_fraction < 1 and self.train.refit and self.split.run_folds is None:
+            raise ValueError("split.train_fraction < 1 is for learning curves on the folds: set train.refit=false "
+                             "(a refit model trains on every non-test image)")
+        return self
+
 
 def input_spec(name: str, cfg: PatchTrainConfig) -> InputSpec:
     i = cfg.input
     if name.startswith(GLOBAL_PREFIX):
-        return InputSpec("global", i.patch_size, i.learner_input, i.global_size, i.mask_global, i.normalise)
+        return InputSpec("global", i.patch_size, i.learner_input, i.global_size, i.mask_global, i.normalise,
+                         blank_lungs=i.blank_lungs_global)
     return InputSpec("patch", i.patch_size, i.learner_input, i.global_size, i.mask_outside, i.normalise)
 
 
@@ -269,11 +281,11 @@ def train_model(name: str, data: CxrData, train_idx: list[int], val_idx: list[in
         sel = torch.as_tensor(batch["items"][positions])
         seeds = [item_seed(seed, batch["epoch"], batch["step"], p) for p in positions]
         x, _, cm = make_inputs(data.images[sel].to(dist.device), data.masks[sel].to(dist.device), spec, k_train,
-                               seeds=seeds, with_masks=spec.mask_outside)
+                               seeds=seeds, with_masks=spec.mask_outside or spec.blank_lungs)
         x = x.flatten(0, 1)
         gen = torch.Generator().manual_seed(item_seed(seed, batch["epoch"], batch["step"], 991, dist.rank))
         x = augment(x, gen, t.augment, spec.mode == "global")
-        if cm is not None:  # the area outside the lungs stays exactly 0, as at inference
+        if cm is not None:  # the blanked area (outside the lungs, or the lungs) stays exactly 0, as at inference
             x = x * cm.flatten(0, 1).to(x.dtype)
         target = torch.as_tensor(data.labels[batch["items"][positions]], device=dist.device).repeat_interleave(k_train)
         logits = net(x)
@@ -390,7 +402,8 @@ def run_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrain
         fdir = ldir / f"fold{f}"
         train_all = [i for g, fi in enumerate(folds) if g != f for i in fi]
         tr, va = inner_validation(train_all, data.labels, data.groups, cfg.split.val_frac, cfg.seed + f)
-        tr = tr + split["train_only_idx"]
+        # a learning curve's point: fewer training patients, the same validation part, OOF fold and test part
+        tr = subsample_groups(tr, data.labels, data.groups, cfg.split.train_fraction, cfg.seed + f) + split["train_only_idx"]
         model, info = train_model(name, data, tr, va, cfg, fdir, dist, precision, seed=cfg.seed + 100 * f, track=track,
                                   restart=restart, label=f"{name} fold {f}")
         best_epochs.append(info["best_epoch"])

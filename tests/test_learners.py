@@ -546,3 +546,21 @@ def test_lung_zscore_matches_the_float_formula() -> None:
     assert (out.int() - ref.int()).abs().max() <= 1 and (out == ref).float().mean() > 0.999
     lung = out[0][masks[0]].double()
     assert abs(lung.mean().item() - 127.5) < 1.0 and abs(lung.std().item() - 51.0) < 1.0
+
+
+def test_blank_lungs_global_input_keeps_everything_but_the_lungs() -> None:
+    """The ablation input (`input.blank_lungs_global`): lungs 0, the rest as without masking; patch mode refuses it."""
+    images, masks = _work(size=128)
+    plain_spec = InputSpec(mode="global", global_size=128, mask_outside=False, work_size=128)
+    blank = InputSpec(mode="global", global_size=128, mask_outside=False, blank_lungs=True, work_size=128)
+    full, _, _ = make_inputs(images, masks, plain_spec, k=1)
+    x, _, keep = make_inputs(images, masks, blank, k=1, with_masks=True)
+    m = masks.unsqueeze(1)  # (B,1,1,H,W) like x
+    assert torch.all(x[m] == 0) and torch.equal(x[~m], full[~m])
+    assert torch.equal(keep, ~m)  # training re-blanks the lungs after augmentation
+    assert blank.crops_key() != plain_spec.crops_key()
+    assert InputSpec(**blank.to_dict()) == blank
+    with pytest.raises(ValueError, match="blank_lungs"):
+        InputSpec(mode="patch", mask_outside=False, blank_lungs=True)
+    with pytest.raises(ValueError, match="blank_lungs"):
+        InputSpec(mode="global", mask_outside=True, blank_lungs=True)

@@ -25,6 +25,7 @@ from patchflannel.data import (
     load_records,
     make_splits,
     merge_groups,
+    subsample_groups,
 )
 from patchflannel.errors import ConfigError, DataError, ResumeError
 from patchflannel.patch_train import PatchTrainConfig
@@ -59,6 +60,34 @@ def test_config_values_are_checked() -> None:
         validate_config(PatchTrainConfig, {"split": {"folds": 1}}, "x")
     with pytest.raises(ConfigError, match="train.epochs"):
         load_config(PatchTrainConfig, "patch_cpu", sets=["train.epochs=0"])
+
+
+def test_ablation_and_learning_curve_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="exclude each other"):
+        validate_config(PatchTrainConfig, {"input": {"mask_global": True, "blank_lungs_global": True}}, "x")
+    with pytest.raises(ConfigError, match="train.refit=false"):
+        validate_config(PatchTrainConfig, {"split": {"train_fraction": 0.5}}, "x")
+    with pytest.raises(ConfigError, match="train_fraction"):
+        validate_config(PatchTrainConfig, {"split": {"train_fraction": 0}, "train": {"refit": False}}, "x")
+    ok = validate_config(PatchTrainConfig, {"split": {"train_fraction": 0.5}, "train": {"refit": False}}, "x")
+    assert ok.split.train_fraction == 0.5
+
+
+def test_subsample_groups_keeps_whole_patients_per_class_share() -> None:
+    rng = np.random.default_rng(0)
+    groups = [f"p{i // 2}" for i in range(600)]  # two images per patient
+    labels = np.repeat(rng.integers(0, 4, 300), 2)  # a patient's images share the label
+    idx = list(range(0, 600))
+    for frac, share in ((1 / 3, 1 / 3), (0.5, 0.5), (2 / 3, 2 / 3)):
+        kept = subsample_groups(idx, labels, groups, frac, seed=3)
+        assert kept == subsample_groups(idx, labels, groups, frac, seed=3)  # seeded
+        assert abs(len(kept) / 600 - share) < 0.03
+        assert {groups[i] for i in kept}.isdisjoint({groups[i] for i in set(idx) - set(kept)})  # patients whole
+        for c in range(4):  # stratified by class
+            assert abs(np.mean(labels[kept] == c) - np.mean(labels == c)) < 0.03
+    assert subsample_groups(idx, labels, groups, 1.0, seed=0) == idx
+    with pytest.raises(DataError, match="train_fraction"):
+        subsample_groups(idx, labels, groups, 1.5 - 2, seed=0)
 
 
 @pytest.mark.parametrize("name", ["patch_cpu", "patch_paper"])
