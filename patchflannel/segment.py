@@ -18,6 +18,9 @@ Data flow at inference (:class:`LungSegmenter`)::
 
 The preprocessing (resize to the net's size S, CLAHE or histogram
 equalisation + gamma) is stored in the weights' config and re-applied exactly.
+With ONNX Runtime (``backend="onnx"``/``"auto"``) :meth:`LungSegmenter.segment`
+runs no PyTorch op: OpenCV upsamples the logits (bilinear, as above) and the
+threshold is applied to them as its logit — the same masks up to float rounding.
 """
 
 from __future__ import annotations

@@ -337,8 +337,10 @@ def stratified_report(d: EvalData, groups: Mapping[str, Sequence[str]], n_resamp
     return report
 
 
-def _auc_with_ci(truth: np.ndarray, score: np.ndarray, clusters: np.ndarray, n_resamples: int, seed: int,
-                 level: float = 0.95) -> dict[str, Any]:
+def auc_with_ci(truth: np.ndarray, score: np.ndarray, clusters: np.ndarray, n_resamples: int, seed: int,
+                level: float = 0.95) -> dict[str, Any]:
+    """ROC AUC of ``score`` for ``truth`` (0/1) with a patient-cluster bootstrap interval (``value``, ``ci_low``,
+    ``ci_high``, counts); undefined (NaN, with a ``note``) without positives or negatives."""
     truth = np.asarray(truth, dtype=np.float64)
     n_pos, n_neg = int(truth.sum()), int((1 - truth).sum())
     res: dict[str, Any] = {"n": int(truth.size), "n_positive": n_pos, "n_negative": n_neg,
@@ -382,9 +384,9 @@ def confound_report(d: EvalData, age_groups: Sequence[str], n_resamples: int = D
         "positive": d.positive,
         "counts": {g: {"n": int((ages == g).sum()), "positive": int((is_pos & (ages == g)).sum())}
                    for g in ("adult", "pediatric", "")},
-        "within_adults": _auc_with_ci(is_pos[adult], score[adult], d.clusters[adult], n_resamples, seed),
-        "within_pediatric": _auc_with_ci(is_pos[ped], score[ped], d.clusters[ped], n_resamples, seed),
-        "adult_vs_pediatric_negatives": _auc_with_ci(adult[neg], score[neg], d.clusters[neg], n_resamples, seed),
+        "within_adults": auc_with_ci(is_pos[adult], score[adult], d.clusters[adult], n_resamples, seed),
+        "within_pediatric": auc_with_ci(is_pos[ped], score[ped], d.clusters[ped], n_resamples, seed),
+        "adult_vs_pediatric_negatives": auc_with_ci(adult[neg], score[neg], d.clusters[neg], n_resamples, seed),
         "mean_score": {f"{g}_{'pos' if p else 'neg'}": (float(score[(ages == g) & (is_pos == p)].mean())
                                                         if ((ages == g) & (is_pos == p)).any() else math.nan)
                        for g in ("adult", "pediatric") for p in (True, False)},

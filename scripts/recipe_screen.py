@@ -7,8 +7,8 @@ Each ``NAME=RUN_DIR`` is a `train-patch` run folder (every learner in it is read
 of each of ``--folds`` are scored (fold by fold), so runs that trained one fold alone (``split.run_folds=[0]``) compare
 with full runs on equal terms: same split (checked by its fingerprint), same held-out images,
 never the test part. Per run: macro-F1 with a patient-bootstrap 95 % CI, balanced accuracy,
-within-adult COVID-vs-rest AUC, the share of adult non-COVID images called COVID-19, the best
-epoch and the training time; and the paired macro-F1 difference to the first run.
+within-adult COVID-vs-rest AUC with its patient-bootstrap 95 % CI, the share of adult non-COVID images called COVID-19, the best
+epoch and the training time; and the paired macro-F1 and within-adult AUC differences to the first run.
 
 Writes ``OUT/screen.csv``, ``OUT/screen.md`` and ``OUT/curves_foldF.png`` (validation macro-F1 by epoch).
 """
@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from patchflannel._files import write_csv, write_text
-from patchflannel.stats import EvalData, bootstrap_metrics, paired_bootstrap
+from patchflannel.stats import EvalData, auc_with_ci, bootstrap_metrics, cluster_weights, paired_bootstrap, weighted_auc
 
 RESAMPLES = 2000
 
@@ -34,6 +34,16 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
     if not len(pos) or not len(neg):
         return float("nan")
     return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+
+def _paired_auc_delta(truth: np.ndarray, a: np.ndarray, b: np.ndarray, clusters: np.ndarray) -> str:
+    """AUC(a) − AUC(b) on the same images, 95 % interval from the same patient resamples for both."""
+    w = cluster_weights(clusters, RESAMPLES, np.random.default_rng(0))
+    pos, neg = w * truth, w * (1 - truth)
+    d = weighted_auc(pos, neg, a) - weighted_auc(pos, neg, b)
+    point = float(weighted_auc(truth[None], (1 - truth)[None], a)[0] - weighted_auc(truth[None], (1 - truth)[None], b)[0])
+    lo, hi = np.nanpercentile(d, [2.5, 97.5])
+    return f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def _load(run: Path, fold: int) -> list[dict]:
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COLS = ["fold", "recipe", "macro_f1", "ci_low", "ci_high", "delta_vs_first", "delta_ci_low", "delta_ci_high",
-        "balanced_accuracy", "adult_covid_auc", "adult_non_covid_called_covid", "best_epoch", "epochs_run", "train_minutes"]
+        "balanced_accuracy", "adult_covid_auc", "adult_auc_ci", "adult_auc_delta_vs_first", "adult_non_covid_called_covid", "best_epoch", "epochs_run", "train_minutes"]
 
 
 def _score(entries: list[dict], fold: int) -> tuple[list[dict], str]:
@@ -123,6 +133,10 @@ def _score(entries: list[dict], fold: int) -> tuple[list[dict], str]:
                      "delta_ci_low": round(delta["ci_low"], 3), "delta_ci_high": round(delta["ci_high"], 3),
                      "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 3),
                      "adult_covid_auc": round(_auc(e["soft"][adult & (y == covid), covid], e["soft"][anc, covid]), 3),
+                     "adult_auc_ci": "[{ci_low:.3f}, {ci_high:.3f}]".format(**auc_with_ci(
+                         (y[adult] == covid).astype(float), e["soft"][adult, covid], ref["patients"][adult], RESAMPLES, 0)),
+                     "adult_auc_delta_vs_first": _paired_auc_delta((y[adult] == covid).astype(float), e["soft"][adult, covid],
+                                                                   ref["soft"][adult, covid], ref["patients"][adult]),
                      "adult_non_covid_called_covid": f"{int(np.sum(pred[anc] == covid))}/{int(anc.sum())}",
                      "best_epoch": e["best_epoch"], "epochs_run": e["epochs_run"],
                      "train_minutes": round(e["seconds"] / 60, 1), "run": e["run"]})
