@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from patchflannel.errors import PatchflannelError
-from patchflannel.io import read_images, resize
+from patchflannel.io import default_threads, read_images, resize
 from patchflannel.segment import (
     CONVENTIONS,
     DEFAULT_SEGMENTER,
@@ -161,7 +161,7 @@ def split_pass(seg: LungSegmenter, paths: Sequence[Path], batch_size: int, devic
         mask, _ = postprocess(m, cut)
         return resize(mask, im.shape, "nearest") if mask.shape != im.shape else mask
 
-    with ThreadPoolExecutor(max(1, min(4, torch.get_num_threads()))) as pool:
+    with ThreadPoolExecutor(default_threads()) as pool:
         for start in range(0, len(paths), batch_size):
             t = time.perf_counter()
             raw = read_files(paths[start:start + batch_size])

@@ -197,7 +197,7 @@ SEG_COLUMNS = ["file", "name", "status", "error", "width", "height", "convention
 @app.command()
 def segment(
     inputs: Annotated[list[Path], typer.Argument(help="Radiograph files or folders (PNG, JPEG, DICOM, JSRT .IMG, …).")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: masks/, overlays/, masks.csv.")] = Path("out"),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: masks/, overlays/ (unless --no-overlays), masks.csv.")] = Path("out"),
     convention: Annotated[str, typer.Option(help="scr (SCR lungs, without the region behind the heart; what the "
                                                   "classifier samples from) or full (whole lung field, V7 style).")] = "scr",
     weights: Annotated[Optional[str], typer.Option("--weights", help="Lung U-Net weights: a folder or a name. Default: "
@@ -214,7 +214,7 @@ def segment(
     device: DeviceOpt = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
-    """Lung masks: OUT/masks/NAME.png (255 = lung, input size), OUT/overlays/NAME.png and a quality line per image in OUT/masks.csv."""
+    """Lung masks: OUT/masks/NAME.png (255 = lung, input size), OUT/overlays/NAME.png (unless --no-overlays) and a quality line per image in OUT/masks.csv."""
     _setup_logging(verbose)
     with _guard():
         from .errors import OutputError

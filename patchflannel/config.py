@@ -201,9 +201,30 @@ def config_to_yaml(cfg: BaseModel | dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+# Keys added after run folders existed: a run whose config lacks one ran as if it had this value, so a key at
+# this value hashes and compares as absent (older runs resume and keep their cached votes). Matched at the top
+# level of a config and under "config." (train-patch checkpoints nest it).
+ADDED_DEFAULTS: dict[str, Any] = {"split.train_fraction": 1.0, "input.blank_lungs_global": False}
+
+
+def _drop_added(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a JSON copy, changed in place) without the :data:`ADDED_DEFAULTS` keys that hold their value."""
+    roots = [data] + ([data["config"]] if isinstance(data.get("config"), dict) else [])
+    for root in roots:
+        for key, value in ADDED_DEFAULTS.items():
+            *path, last = key.split(".")
+            node: Any = root
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and last in node and node[last] == value:
+                del node[last]
+    return data
+
+
 def config_hash(cfg: BaseModel | dict[str, Any], exclude: set[str] | frozenset[str] = frozenset()) -> str:
-    """SHA-256 (16 hex) of the config's canonical JSON, without the dotted keys in ``exclude``."""
-    data = config_to_dict(cfg) if isinstance(cfg, BaseModel) else json.loads(json.dumps(cfg, default=str))
+    """SHA-256 (16 hex) of the config's canonical JSON, without the dotted keys in ``exclude`` (and the
+    :data:`ADDED_DEFAULTS` keys at their value)."""
+    data = _drop_added(config_to_dict(cfg) if isinstance(cfg, BaseModel) else json.loads(json.dumps(cfg, default=str)))
     for key in exclude:
         node = data
         parts = key.split(".")
@@ -215,7 +236,11 @@ def config_hash(cfg: BaseModel | dict[str, Any], exclude: set[str] | frozenset[s
 
 
 def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, as ``key: old → new``."""
+    """Dotted keys whose values differ, as ``key: old → new`` (an :data:`ADDED_DEFAULTS` key at its value
+    counts as absent)."""
+    if not prefix:
+        old = _drop_added(json.loads(json.dumps(old, default=str)))
+        new = _drop_added(json.loads(json.dumps(new, default=str)))
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<missing>"), new.get(key, "<missing>")

@@ -378,23 +378,27 @@ def inner_validation(train_idx: Sequence[int], labels: np.ndarray, groups: Seque
 
 def subsample_groups(train_idx: Sequence[int], labels: np.ndarray, groups: Sequence[str], frac: float,
                      seed: int) -> list[int]:
-    """Keep about ``frac`` of a training part's patients (grouped, stratified by class) — a learning curve's point.
+    """Keep ``frac`` of a training part's patients — a learning curve's point.
 
-    The kept share is 1/n or 1 − 1/n with n = round(1 / min(frac, 1 − frac)) (one part of a
-    ``StratifiedGroupKFold`` into n, or the other n − 1), so 1/4, 1/3, 1/2, 2/3 and 3/4 are exact up to
-    patient grouping; ``frac >= 1`` keeps everything.
+    Per class (a patient's class: its first image's), the patients are put in one seeded order and the
+    first ``round(frac · n)`` (at least one) are kept, with all their images. The order does not depend on
+    ``frac``, so smaller shares are subsets of larger ones (nested points, as a learning curve needs);
+    ``frac >= 1`` keeps everything.
     """
     if frac >= 1:
         return sorted(int(i) for i in train_idx)
     if not 0 < frac < 1:
         raise DataError(f"split.train_fraction {frac:g}: must be in (0, 1]")
-    from sklearn.model_selection import StratifiedGroupKFold
-
     train_idx = np.asarray(train_idx)
-    n = max(2, int(round(1 / min(frac, 1 - frac))))
-    rest, part = next(iter(StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed).split(
-        train_idx, np.asarray(labels)[train_idx], np.asarray(groups)[train_idx])))
-    return sorted(train_idx[part if frac <= 0.5 else rest].tolist())
+    g = np.asarray(groups)[train_idx]
+    uniq, first = np.unique(g, return_index=True)
+    klass = np.asarray(labels)[train_idx][first]
+    rng = np.random.default_rng(seed)
+    keep: list[str] = []
+    for c in np.unique(klass):
+        members = uniq[klass == c]
+        keep += members[rng.permutation(len(members))][:max(1, int(round(frac * len(members))))].tolist()
+    return sorted(train_idx[np.isin(g, keep)].tolist())
 
 
 def check_grouped(split: dict[str, Any], groups: Sequence[str]) -> None:

@@ -289,8 +289,11 @@ def seen_region(masks: Tensor, spec: InputSpec) -> Tensor:
     """(B,1,W,W) bool lung masks → (B,W,W) bool: the work-image pixels whose content the learner saw.
 
     With ``mask_outside`` every pixel outside the lungs was set to 0 before the learner saw it (at
-    the crops' scale: a shrunk pixel is lung when half its block is); otherwise every pixel.
+    the crops' scale: a shrunk pixel is lung when half its block is); with ``blank_lungs`` (global
+    learners) every lung pixel was; otherwise it saw every pixel.
     """
+    if spec.blank_lungs:
+        return ~masks[:, 0]
     if not spec.mask_outside:
         return torch.ones(masks.shape[0], *masks.shape[2:], dtype=torch.bool, device=masks.device)
     f = spec.factor if spec.mode == "patch" else 1

@@ -230,7 +230,10 @@ class InputSpec:
                 self.blank_lungs)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.blank_lungs:  # written only when set: learners saved without it load in older versions too
+            del d["blank_lungs"]
+        return d
 
 
 def shrink(images: Tensor, masks: Tensor, factor: int) -> tuple[Tensor, Tensor]:
@@ -280,7 +283,8 @@ def make_inputs(images: Tensor, masks: Tensor, spec: InputSpec, k: int = 1, seed
         seeds / generators: one per image; each image's crops depend only on
             its own seed (or generator state), never on the other images.
             Pass generators to continue a stream in chunks (sequential voting).
-        with_masks: also return the crops' lung masks (training re-masks after augmentation).
+        with_masks: also return the crops' visible-region masks — the lungs, or with ``blank_lungs`` everything
+            but the lungs (training re-blanks the rest after augmentation).
 
     Returns:
         ``(x, centres, crop_masks)``: x (B,K,1,P,P) float [0,1] (K = 1 in

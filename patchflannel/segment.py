@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .errors import WeightsError
 from .hub import load_pretrained, load_state_dict, resolve_weights, save_pretrained
-from .io import as_images, resize
+from .io import as_images, default_threads, resize
 
 log = logging.getLogger(__name__)
 
@@ -366,14 +366,14 @@ class LungSegmenter:
     def segment(self, images: Any, convention: str = "scr", batch_size: int = 8) -> list[Segmentation]:
         """Images (paths, arrays, lists; see :func:`patchflannel.io.as_images`) → one :class:`Segmentation` each.
 
-        The per-image steps (preprocessing and, with ONNX Runtime, upsampling; the clean-up) run on
-        ``torch.get_num_threads()`` threads (at most 4); a result does not depend on them.
+        The per-image steps (the clean-up; with ONNX Runtime also the preprocessing and the upsampling)
+        run on :func:`patchflannel.io.default_threads` threads; a result does not depend on them.
         """
         imgs = as_images(images)
         c = self._channel(convention)
         onnx = self.backend_used() == "onnx"
         out: list[Segmentation] = []
-        with ThreadPoolExecutor(max(1, min(4, torch.get_num_threads()))) as pool:
+        with ThreadPoolExecutor(default_threads()) as pool:
             for i in range(0, len(imgs), batch_size):
                 chunk = imgs[i:i + batch_size]
                 if onnx:  # no PyTorch op on this path: upsample the logits, threshold at the matching logit

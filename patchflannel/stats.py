@@ -46,6 +46,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 __all__ = [
     "ECE_BINS",
     "EvalData",
+    "auc_with_ci",
     "bootstrap_metrics",
     "build_evaluation",
     "cluster_weights",

@@ -9,6 +9,10 @@ with full runs on equal terms: same split (checked by its fingerprint), same hel
 never the test part. Per run: macro-F1 with a patient-bootstrap 95 % CI, balanced accuracy,
 within-adult COVID-vs-rest AUC with its patient-bootstrap 95 % CI, the share of adult non-COVID images called COVID-19, the best
 epoch and the training time; and the paired macro-F1 and within-adult AUC differences to the first run.
+With ``--pooled`` the listed folds' images are also scored together (fold ``0+1+2``: with every fold listed,
+each labelled non-test image once, out of fold; training-only sources such as JSRT never are), for the runs
+that have all of them. Pooled scores mix the fold models' outputs (each image scored by the one that did not
+see it), whose scales differ somewhat, so a pooled AUC need not match the per-fold ones.
 
 Writes ``OUT/screen.csv``, ``OUT/screen.md`` and ``OUT/curves_foldF.png`` (validation macro-F1 by epoch).
 """
@@ -25,7 +29,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from patchflannel._files import write_csv, write_text
-from patchflannel.stats import EvalData, auc_with_ci, bootstrap_metrics, cluster_weights, paired_bootstrap, weighted_auc
+from patchflannel.stats import EvalData, auc_with_ci, bootstrap_metrics, paired_bootstrap
 
 RESAMPLES = 2000
 
@@ -36,32 +40,24 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
 
-def _paired_auc_delta(truth: np.ndarray, a: np.ndarray, b: np.ndarray, clusters: np.ndarray) -> str:
-    """AUC(a) − AUC(b) on the same images, 95 % interval from the same patient resamples for both."""
-    w = cluster_weights(clusters, RESAMPLES, np.random.default_rng(0))
-    pos, neg = w * truth, w * (1 - truth)
-    d = weighted_auc(pos, neg, a) - weighted_auc(pos, neg, b)
-    point = float(weighted_auc(truth[None], (1 - truth)[None], a)[0] - weighted_auc(truth[None], (1 - truth)[None], b)[0])
-    lo, hi = np.nanpercentile(d, [2.5, 97.5])
-    return f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
-def _load(run: Path, fold: int) -> list[dict]:
+def _load(run: Path, folds: list[int]) -> list[dict]:
+    """Each learner of ``run`` with out-of-fold votes on every one of ``folds`` (their images together)."""
     out = []
     split = json.loads((run / "split.json").read_text(encoding="utf-8"))
     for ldir in sorted(p for p in run.iterdir() if (p / "oof.npz").is_file()):
         o = np.load(ldir / "oof.npz", allow_pickle=False)
-        sel = o["fold"] == fold
-        if not sel.any():
+        if not all((o["fold"] == f).any() for f in folds):
             continue
-        hist = ldir / f"fold{fold}" / "history.csv"
-        rows = list(csv.DictReader(hist.open(encoding="utf-8"))) if hist.is_file() else []
-        val = [float(r["val_macro_f1"]) for r in rows if r.get("val_macro_f1")]
+        sel = np.isin(o["fold"], folds)
+        hists = [ldir / f"fold{f}" / "history.csv" for f in folds]
+        rows = [list(csv.DictReader(h.open(encoding="utf-8"))) if h.is_file() else [] for h in hists]
+        vals = [[float(r["val_macro_f1"]) for r in rs if r.get("val_macro_f1")] for rs in rows]
         out.append({"learner": ldir.name, "fingerprint": split.get("fingerprint", ""), "ids": o["ids"][sel],
                     "y": o["y"][sel].astype(int), "soft": o["soft"][sel], "patients": o["groups"][sel].astype(str),
                     "ages": o["age_groups"][sel].astype(str), "classes": [str(c) for c in o["classes"]],
-                    "curve": val, "best_epoch": int(np.argmax(val)) + 1 if val else 0, "epochs_run": len(val),
-                    "seconds": sum(float(r.get("seconds") or 0) for r in rows)})
+                    "curve": vals[0], "best_epoch": "/".join(str(int(np.argmax(v)) + 1 if v else 0) for v in vals),
+                    "epochs_run": "/".join(str(len(v)) for v in vals),
+                    "seconds": sum(float(r.get("seconds") or 0) for rs in rows for r in rs)})
     return out
 
 
@@ -69,8 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="NAME=RUN_DIR (the first is the reference)")
     ap.add_argument("--folds", type=int, nargs="+", default=[0], help="folds to score, each on its own")
+    ap.add_argument("--pooled", action="store_true",
+                    help="also score the --folds' images together (runs that have all of them): every non-test image "
+                         "out of fold once")
     ap.add_argument("--out", type=Path, default=Path("docs/results/recipe_screen"))
     args = ap.parse_args(argv)
+    if args.pooled and len(args.folds) < 2:
+        ap.error("--pooled needs two or more --folds")
     specs = []
     for spec in args.runs:
         name, _, path = spec.partition("=")
@@ -80,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         specs.append((name, Path(path)))
     rows, md = [], []
     args.out.mkdir(parents=True, exist_ok=True)
-    for fold in args.folds:
+    pooled = [args.folds] if args.pooled else []
+    for folds in [[f] for f in args.folds] + pooled:
+        fold = folds[0] if len(folds) == 1 else "+".join(map(str, folds))
         entries, missing = [], []
         for name, run in specs:
-            found = _load(run, fold)
+            found = _load(run, folds)
             if not found:
                 missing.append(f"`{name}`")
             entries += [{"name": name if len(found) == 1 else f"{name}:{e['learner']}", "run": str(run), **e}
@@ -100,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         md += ["", head, "", "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
         md += ["| " + " | ".join(str(r[c]) for c in COLS) + " |" for r in fold_rows]
         if missing:
-            md += ["", f"Not scored on fold {fold} (no out-of-fold votes for it): {', '.join(missing)}."]
-        _curves(entries, args.out / f"curves_fold{fold}.png", fold)
+            md += ["", f"Not scored on {'folds' if len(folds) > 1 else 'fold'} {fold} (no out-of-fold votes for it): {', '.join(missing)}."]
+        if len(folds) == 1:
+            _curves(entries, args.out / f"curves_fold{fold}.png", fold)
     write_csv(args.out / "screen.csv", rows)
     write_text(args.out / "screen.md", "\n".join(md).strip() + "\n")
     print("\n".join(md))
@@ -112,7 +116,7 @@ COLS = ["fold", "recipe", "macro_f1", "ci_low", "ci_high", "delta_vs_first", "de
         "balanced_accuracy", "adult_covid_auc", "adult_auc_ci", "adult_auc_delta_vs_first", "adult_non_covid_called_covid", "best_epoch", "epochs_run", "train_minutes"]
 
 
-def _score(entries: list[dict], fold: int) -> tuple[list[dict], str]:
+def _score(entries: list[dict], fold: int | str) -> tuple[list[dict], str]:
     ref = entries[0]
     covid = ref["classes"].index("covid")
     y = ref["y"]
@@ -135,18 +139,18 @@ def _score(entries: list[dict], fold: int) -> tuple[list[dict], str]:
                      "adult_covid_auc": round(_auc(e["soft"][adult & (y == covid), covid], e["soft"][anc, covid]), 3),
                      "adult_auc_ci": "[{ci_low:.3f}, {ci_high:.3f}]".format(**auc_with_ci(
                          (y[adult] == covid).astype(float), e["soft"][adult, covid], ref["patients"][adult], RESAMPLES, 0)),
-                     "adult_auc_delta_vs_first": _paired_auc_delta((y[adult] == covid).astype(float), e["soft"][adult, covid],
-                                                                   ref["soft"][adult, covid], ref["patients"][adult]),
+                     "adult_auc_delta_vs_first": "{diff:+.3f} [{ci_low:+.3f}, {ci_high:+.3f}]".format(**paired_bootstrap(
+                         d.subset(adult), data(ref).subset(adult), ["covid_auc"], RESAMPLES, seed=0)["covid_auc"]),
                      "adult_non_covid_called_covid": f"{int(np.sum(pred[anc] == covid))}/{int(anc.sum())}",
                      "best_epoch": e["best_epoch"], "epochs_run": e["epochs_run"],
                      "train_minutes": round(e["seconds"] / 60, 1), "run": e["run"]})
-    head = (f"Fold {fold} out of fold ({len(y)} images, {len(np.unique(ref['patients']))} patient groups, "
+    head = (f"{'Folds' if isinstance(fold, str) else 'Fold'} {fold} out of fold ({len(y)} images, {len(np.unique(ref['patients']))} patient groups, "
             f"{int(adult.sum())} adult); 95 % CIs: {RESAMPLES} patient bootstrap resamples "
             f"(`patchflannel.stats`), deltas paired against `{ref['name']}`.")
     return rows, head
 
 
-def _curves(entries: list[dict], path: Path, fold: int) -> None:
+def _curves(entries: list[dict], path: Path, fold: int | str) -> None:
     from patchflannel.plots import new_figure, save_figure
 
     fig = new_figure(7, 4)

@@ -73,7 +73,7 @@ def test_ablation_and_learning_curve_settings_are_checked() -> None:
     assert ok.split.train_fraction == 0.5
 
 
-def test_subsample_groups_keeps_whole_patients_per_class_share() -> None:
+def test_subsample_groups_keeps_whole_patients_a_class_share_and_nests() -> None:
     rng = np.random.default_rng(0)
     groups = [f"p{i // 2}" for i in range(600)]  # two images per patient
     labels = np.repeat(rng.integers(0, 4, 300), 2)  # a patient's images share the label
@@ -85,6 +85,8 @@ def test_subsample_groups_keeps_whole_patients_per_class_share() -> None:
         assert {groups[i] for i in kept}.isdisjoint({groups[i] for i in set(idx) - set(kept)})  # patients whole
         for c in range(4):  # stratified by class
             assert abs(np.mean(labels[kept] == c) - np.mean(labels == c)) < 0.03
+    small, large = (set(subsample_groups(idx, labels, groups, f, seed=3)) for f in (0.25, 0.7))
+    assert small < large  # nested: a learning curve's smaller points are subsets of its larger ones
     assert subsample_groups(idx, labels, groups, 1.0, seed=0) == idx
     with pytest.raises(DataError, match="train_fraction"):
         subsample_groups(idx, labels, groups, 1.5 - 2, seed=0)
@@ -396,3 +398,23 @@ def test_predict_builds_the_training_inputs_bit_for_bit(tiny: dict) -> None:
         x_pred, c_pred, _ = make_inputs(prep.work, prep.masks, spec, 16, seeds=[seed])
         x_train, c_train, _ = make_inputs(data.images[i:i + 1], data.masks[i:i + 1], spec, 16, seeds=[seed])
         assert torch.equal(c_pred, c_train) and torch.equal(x_pred, x_train)
+
+
+def test_run_folders_from_before_an_added_key_still_resume() -> None:
+    """A config key added later (split.train_fraction, input.blank_lungs_global) at its default hashes and compares
+    as absent, so older run folders resume (and keep their cached votes); any other value is a change."""
+    from patchflannel.config import ADDED_DEFAULTS, config_hash, diff_configs
+
+    now = PatchTrainConfig().model_dump(mode="json")
+    old = json.loads(json.dumps(now))
+    for key in ADDED_DEFAULTS:
+        section, name = key.split(".")
+        del old[section][name]
+    assert config_hash(old) == config_hash(now) and diff_configs(old, now) == []
+    nested_old, nested_now = {"config": old, "learner": "x"}, {"config": now, "learner": "x"}  # a checkpoint's config
+    assert config_hash(nested_old) == config_hash(nested_now) and diff_configs(nested_old, nested_now) == []
+    changed = json.loads(json.dumps(now))
+    changed["split"]["train_fraction"] = 0.5
+    assert config_hash(changed) != config_hash(old)
+    assert diff_configs(old, changed) == ["split.train_fraction: '<missing>' → 0.5"]
+    assert "train_fraction" in now["split"]  # the callers' dicts are not changed

@@ -595,17 +595,48 @@ def test_the_onnx_paths_upsampling_and_logit_cut_match_pytorchs() -> None:
     assert _logit(0.0) == -math.inf and _logit(1.0) == math.inf
 
 
-def test_segment_does_not_depend_on_the_thread_count() -> None:
+class _FakeOnnx:
+    """Stands in for the ONNX Runtime session: logits from the net input itself (bright = lung), one channel
+    per convention (the second shifted), so masks are known without a trained U-Net."""
+
+    def run_array(self, x: np.ndarray) -> np.ndarray:
+        assert x.dtype == np.float32 and x.ndim == 4 and x.shape[1] == 1
+        return np.stack([np.concatenate([x * 20, x * 20 - 2], axis=1)])  # (models=1, B, C=2, S, S)
+
+
+def _blobs(h: int, w: int, seed: int) -> np.ndarray:
+    """A dark image with two bright 'lungs' (and a little noise)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 0.1, np.float32) + rng.normal(0, 0.02, (h, w)).astype(np.float32)
+    img[int(0.25 * h):int(0.8 * h), int(0.15 * w):int(0.42 * w)] = 0.9
+    img[int(0.25 * h):int(0.78 * h), int(0.58 * w):int(0.85 * w)] = 0.85
+    return np.clip(img, 0, 1)
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_segment_on_the_onnx_path_matches_the_pytorch_recipe_whatever_the_threads(
+        convention: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """segment()'s ONNX branch (threaded preprocessing, channel pick, OpenCV upsampling of the logits, the logit
+    cut, threaded clean-up, resize back) against the PyTorch recipe done by hand, one image at a time; images of
+    different sizes, results in input order, identical for 1 and 3 threads."""
+    import torch.nn.functional as F
+
+    import patchflannel.segment as seg_mod
+
     seg = tiny_segmenter()
-    rng = np.random.default_rng(1)
-    images = [cv2.GaussianBlur(rng.random((200, 180), np.float32), (0, 0), 3) for _ in range(3)]
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = seg.segment(images, "full", batch_size=2)
-        torch.set_num_threads(2)
-        two = seg.segment(images, "full", batch_size=2)
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(one, two):
-        assert np.array_equal(a.mask, b.mask) and a.mask.shape == (200, 180) and a.quality == b.quality
+    seg.backend, seg._run = "onnx", (_FakeOnnx(), "onnx")
+    images = [_blobs(300, 260, 0), _blobs(512, 512, 1), _blobs(200, 330, 2)]
+    c = seg.conventions.index(convention)
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(seg_mod, "default_threads", lambda t=threads: t)
+        results[threads] = seg.segment(images, convention, batch_size=2)
+    for im, a, b in zip(images, results[1], results[3]):
+        logit = _FakeOnnx().run_array(seg.preprocess(im)[None, None] - np.float32(0.5))[0][:, c:c + 1]  # x − 0.5: the net's input
+        prob = torch.sigmoid(F.interpolate(torch.from_numpy(logit), size=(1024, 1024), mode="bilinear",
+                                           align_corners=False))[0, 0].numpy()
+        ref, q = postprocess(prob, seg.threshold)
+        assert ref.any() and q.components == 2  # the two blobs
+        assert (a.mask_work != ref).sum() <= 50 and a.quality.components == 2  # float rounding where a logit is ≈ 0
+        assert a.mask.shape == im.shape and a.convention == convention
+        assert np.array_equal(a.mask, b.mask) and a.quality == b.quality
