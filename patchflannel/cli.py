@@ -205,10 +205,10 @@ def segment(
     store: Annotated[Optional[Path], typer.Option(help="Also write images + masks at 1024² to this HDF5 store.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=256)] = 4,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write OUT/overlays/NAME.png (the outline "
-                                                                            "on the radiograph; its PNG encoding is "
-                                                                            "most of segment's time per image).")] = True,
+                                                                            "on the radiograph; about a third of "
+                                                                            "segment's time per image here).")] = True,
     backend: Annotated[str, typer.Option("--backend", help="What runs the U-Net: auto (ONNX Runtime on the CPU when "
-                                                           "installed; 1.16–1.36× the images/s here), onnx or torch (what "
+                                                           "installed; 1.4–1.9× PyTorch's images/s here), onnx or torch (what "
                                                            "eval-seg measures; masks agree to a few border pixels).")] = "auto",
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
