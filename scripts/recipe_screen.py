@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from patchflannel._files import write_csv, write_text
 from patchflannel.stats import EvalData, auc_with_ci, bootstrap_metrics, paired_bootstrap
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COLS = ["fold", "recipe", "macro_f1", "ci_low", "ci_high", "delta_vs_first", "delta_ci_low", "delta_ci_high",
-        "balanced_accuracy", "adult_covid_auc", "adult_auc_ci", "adult_auc_delta_vs_first", "adult_non_covid_called_covid", "best_epoch", "epochs_run", "train_minutes"]
+        "balanced_accuracy", "f1_per_class", "adult_covid_auc", "adult_auc_ci", "adult_auc_delta_vs_first", "adult_non_covid_called_covid", "best_epoch", "epochs_run", "train_minutes"]
 
 
 def _score(entries: list[dict], fold: int | str) -> tuple[list[dict], str]:
@@ -136,6 +136,8 @@ def _score(entries: list[dict], fold: int | str) -> tuple[list[dict], str]:
                      "delta_vs_first": round(delta["diff"], 3),
                      "delta_ci_low": round(delta["ci_low"], 3), "delta_ci_high": round(delta["ci_high"], 3),
                      "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 3),
+                     "f1_per_class": " / ".join(f"{v:.3f}" for v in f1_score(y, pred, average=None,
+                                                                              labels=range(len(ref["classes"])))),
                      "adult_covid_auc": round(_auc(e["soft"][adult & (y == covid), covid], e["soft"][anc, covid]), 3),
                      "adult_auc_ci": "[{ci_low:.3f}, {ci_high:.3f}]".format(**auc_with_ci(
                          (y[adult] == covid).astype(float), e["soft"][adult, covid], ref["patients"][adult], RESAMPLES, 0)),
@@ -146,7 +148,8 @@ def _score(entries: list[dict], fold: int | str) -> tuple[list[dict], str]:
                      "train_minutes": round(e["seconds"] / 60, 1), "run": e["run"]})
     head = (f"{'Folds' if isinstance(fold, str) else 'Fold'} {fold} out of fold ({len(y)} images, {len(np.unique(ref['patients']))} patient groups, "
             f"{int(adult.sum())} adult); 95 % CIs: {RESAMPLES} patient bootstrap resamples "
-            f"(`patchflannel.stats`), deltas paired against `{ref['name']}`.")
+            f"(`patchflannel.stats`), deltas paired against `{ref['name']}`; f1_per_class in the order "
+            f"{' / '.join(ref['classes'])}.")
     return rows, head
 
 
