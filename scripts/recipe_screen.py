@@ -8,7 +8,7 @@ of each of ``--folds`` are scored (fold by fold), so runs that trained one fold 
 with full runs on equal terms: same split (checked by its fingerprint), same held-out images,
 never the test part. Per run: macro-F1 with a patient-bootstrap 95 % CI, balanced accuracy,
 within-adult COVID-vs-rest AUC with its patient-bootstrap 95 % CI, the share of adult non-COVID images called COVID-19, the best
-epoch and the training time; and the paired macro-F1 and within-adult AUC differences to the first run.
+epoch, the training images (``n_train``, train-only sources included) and the training time; and the paired macro-F1 and within-adult AUC differences to the first run.
 With ``--pooled`` the listed folds' images are also scored together (fold ``0+1+2``: with every fold listed,
 each labelled non-test image once, out of fold; training-only sources such as JSRT never are), for the runs
 that have all of them. Pooled scores mix the fold models' outputs (each image scored by the one that did not
@@ -40,6 +40,14 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
 
+def _n_train(config: Path) -> int | str:
+    """Training images of a fold's best model (train-only sources such as JSRT included), "?" if unknown."""
+    try:
+        return int(json.loads(config.read_text(encoding="utf-8"))["training"]["n_train"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return "?"
+
+
 def _load(run: Path, folds: list[int]) -> list[dict]:
     """Each learner of ``run`` with out-of-fold votes on every one of ``folds`` (their images together)."""
     out = []
@@ -57,7 +65,8 @@ def _load(run: Path, folds: list[int]) -> list[dict]:
                     "ages": o["age_groups"][sel].astype(str), "classes": [str(c) for c in o["classes"]],
                     "curve": vals[0], "best_epoch": "/".join(str(int(np.argmax(v)) + 1 if v else 0) for v in vals),
                     "epochs_run": "/".join(str(len(v)) for v in vals),
-                    "seconds": sum(float(r.get("seconds") or 0) for rs in rows for r in rs)})
+                    "seconds": sum(float(r.get("seconds") or 0) for rs in rows for r in rs),
+                    "n_train": "/".join(str(_n_train(ldir / f"fold{f}" / "best" / "config.json")) for f in folds)})
     return out
 
 
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COLS = ["fold", "recipe", "macro_f1", "ci_low", "ci_high", "delta_vs_first", "delta_ci_low", "delta_ci_high",
-        "balanced_accuracy", "f1_per_class", "adult_covid_auc", "adult_auc_ci", "adult_auc_delta_vs_first", "adult_non_covid_called_covid", "best_epoch", "epochs_run", "train_minutes"]
+        "balanced_accuracy", "f1_per_class", "adult_covid_auc", "adult_auc_ci", "adult_auc_delta_vs_first", "adult_non_covid_called_covid", "n_train", "best_epoch", "epochs_run", "train_minutes"]
 
 
 def _score(entries: list[dict], fold: int | str) -> tuple[list[dict], str]:
@@ -144,7 +153,7 @@ def _score(entries: list[dict], fold: int | str) -> tuple[list[dict], str]:
                      "adult_auc_delta_vs_first": "{diff:+.3f} [{ci_low:+.3f}, {ci_high:+.3f}]".format(**paired_bootstrap(
                          d.subset(adult), data(ref).subset(adult), ["covid_auc"], RESAMPLES, seed=0)["covid_auc"]),
                      "adult_non_covid_called_covid": f"{int(np.sum(pred[anc] == covid))}/{int(anc.sum())}",
-                     "best_epoch": e["best_epoch"], "epochs_run": e["epochs_run"],
+                     "n_train": e["n_train"], "best_epoch": e["best_epoch"], "epochs_run": e["epochs_run"],
                      "train_minutes": round(e["seconds"] / 60, 1), "run": e["run"]})
     head = (f"{'Folds' if isinstance(fold, str) else 'Fold'} {fold} out of fold ({len(y)} images, {len(np.unique(ref['patients']))} patient groups, "
             f"{int(adult.sum())} adult); 95 % CIs: {RESAMPLES} patient bootstrap resamples "
