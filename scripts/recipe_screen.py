@@ -26,18 +26,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from patchflannel._files import write_csv, write_text
 from patchflannel.stats import EvalData, auc_with_ci, bootstrap_metrics, paired_bootstrap
 
 RESAMPLES = 2000
-
-
-def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
 
 def _n_train(config: Path) -> int | str:
@@ -75,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", help="NAME=RUN_DIR (the first is the reference)")
     ap.add_argument("--folds", type=int, nargs="+", default=[0], help="folds to score, each on its own")
     ap.add_argument("--pooled", action="store_true",
-                    help="also score the --folds' images together (runs that have all of them): every non-test image "
-                         "out of fold once")
+                    help="also score the --folds' images together, for the runs that have all of them (with every fold "
+                         "listed: each labelled non-test image once, out of fold)")
     ap.add_argument("--out", type=Path, default=Path("docs/results/recipe_screen"))
     args = ap.parse_args(argv)
     if args.pooled and len(args.folds) < 2:
@@ -140,6 +134,7 @@ def _score(entries: list[dict], fold: int | str) -> tuple[list[dict], str]:
         d, pred = data(e), e["soft"].argmax(1)
         ci = bootstrap_metrics(d, RESAMPLES, seed=0)["macro_f1"]
         delta = paired_bootstrap(d, data(ref), ["macro_f1"], RESAMPLES, seed=0)["macro_f1"]
+        auc = auc_with_ci((y[adult] == covid).astype(float), e["soft"][adult, covid], ref["patients"][adult], RESAMPLES, 0)
         rows.append({"fold": fold, "recipe": e["name"], "learner": e["learner"], "n": len(y),
                      "macro_f1": round(ci["value"], 3), "ci_low": round(ci["ci_low"], 3), "ci_high": round(ci["ci_high"], 3),
                      "delta_vs_first": round(delta["diff"], 3),
@@ -147,9 +142,8 @@ def _score(entries: list[dict], fold: int | str) -> tuple[list[dict], str]:
                      "balanced_accuracy": round(float(balanced_accuracy_score(y, pred)), 3),
                      "f1_per_class": " / ".join(f"{v:.3f}" for v in f1_score(y, pred, average=None,
                                                                               labels=range(len(ref["classes"])))),
-                     "adult_covid_auc": round(_auc(e["soft"][adult & (y == covid), covid], e["soft"][anc, covid]), 3),
-                     "adult_auc_ci": "[{ci_low:.3f}, {ci_high:.3f}]".format(**auc_with_ci(
-                         (y[adult] == covid).astype(float), e["soft"][adult, covid], ref["patients"][adult], RESAMPLES, 0)),
+                     "adult_covid_auc": round(auc["value"], 3),
+                     "adult_auc_ci": "[{ci_low:.3f}, {ci_high:.3f}]".format(**auc),
                      "adult_auc_delta_vs_first": "{diff:+.3f} [{ci_low:+.3f}, {ci_high:+.3f}]".format(**paired_bootstrap(
                          d.subset(adult), data(ref).subset(adult), ["covid_auc"], RESAMPLES, seed=0)["covid_auc"]),
                      "adult_non_covid_called_covid": f"{int(np.sum(pred[anc] == covid))}/{int(anc.sum())}",
