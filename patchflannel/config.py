@@ -204,7 +204,8 @@ def config_to_yaml(cfg: BaseModel | dict[str, Any]) -> str:
 # Keys added after run folders existed: a run whose config lacks one ran as if it had this value, so a key at
 # this value hashes and compares as absent (older runs resume and keep their cached votes). Matched at the top
 # level of a config and under "config." (train-patch checkpoints nest it).
-ADDED_DEFAULTS: dict[str, Any] = {"split.train_fraction": 1.0, "input.blank_lungs_global": False}
+ADDED_DEFAULTS: dict[str, Any] = {"split.train_fraction": 1.0, "split.subset_seed": None,
+                                  "input.blank_lungs_global": False}
 
 
 def _drop_added(data: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class PatchSplitConfig(Section):
     val_frac: float = Field(default=0.15, gt=0, lt=0.5)
     run_folds: list[int] | None = None  # screening: train only these folds (no refit, no complete OOF votes)
     train_fraction: float = Field(default=1.0, gt=0, le=1)  # learning curves: keep this share of each fold's training patients
+    subset_seed: int | None = None  # learning curves: which patients are kept (default: seed); another value, another draw
 
 
 class PatchInputConfig(Section):
@@ -138,6 +139,15 @@ class PatchTrainConfig(Section):
             raise ValueError("split.train_fraction < 1 is for learning curves on the folds: set train.refit=false "
                              "(a refit model trains on every non-test image)")
         return self
+
+
+def learning_curve_subset(train_idx: list[int], labels: np.ndarray, groups: list[str], cfg: PatchTrainConfig,
+                          fold: int) -> list[int]:
+    """Fold ``fold``'s training images at ``split.train_fraction`` of its patients (all when 1): the draw is
+    seeded by ``split.subset_seed`` (default ``seed``) and the fold, so another subset seed gives another
+    draw while the split, the validation part and the training seeds stay those of ``seed``."""
+    draw = cfg.seed if cfg.split.subset_seed is None else cfg.split.subset_seed
+    return subsample_groups(train_idx, labels, groups, cfg.split.train_fraction, draw + fold)
 
 
 def input_spec(name: str, cfg: PatchTrainConfig) -> InputSpec:
@@ -403,7 +413,7 @@ def run_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrain
         train_all = [i for g, fi in enumerate(folds) if g != f for i in fi]
         tr, va = inner_validation(train_all, data.labels, data.groups, cfg.split.val_frac, cfg.seed + f)
         # a learning curve's point: fewer training patients, the same validation part, OOF fold and test part
-        tr = subsample_groups(tr, data.labels, data.groups, cfg.split.train_fraction, cfg.seed + f) + split["train_only_idx"]
+        tr = learning_curve_subset(tr, data.labels, data.groups, cfg, f) + split["train_only_idx"]
         model, info = train_model(name, data, tr, va, cfg, fdir, dist, precision, seed=cfg.seed + 100 * f, track=track,
                                   restart=restart, label=f"{name} fold {f}")
         best_epochs.append(info["best_epoch"])

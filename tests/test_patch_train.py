@@ -92,6 +92,25 @@ def test_subsample_groups_keeps_whole_patients_a_class_share_and_nests() -> None
         subsample_groups(idx, labels, groups, 1.5 - 2, seed=0)
 
 
+def test_subset_seed_draws_other_patients_and_defaults_to_seed() -> None:
+    from patchflannel.patch_train import learning_curve_subset
+
+    groups = [f"p{i // 2}" for i in range(400)]
+    labels = np.repeat(np.arange(200) % 4, 2)
+    idx = list(range(400))
+
+    def kept(**split: object) -> set[int]:
+        cfg = validate_config(PatchTrainConfig, {"seed": 5, "split": {"train_fraction": 0.5, **split},
+                                                 "train": {"refit": False}}, "x")
+        return set(learning_curve_subset(idx, labels, groups, cfg, fold=1))
+
+    assert kept() == kept(subset_seed=5) == set(subsample_groups(idx, labels, groups, 0.5, seed=6))
+    other = kept(subset_seed=9)
+    assert other != kept() and len(other) == len(kept())  # another draw of the same size
+    full = validate_config(PatchTrainConfig, {"split": {"subset_seed": 9}}, "x")
+    assert learning_curve_subset(idx, labels, groups, full, fold=0) == idx  # no share, no draw
+
+
 @pytest.mark.parametrize("name", ["patch_cpu", "patch_paper"])
 def test_shipped_configs_validate_and_take_overrides(name: str) -> None:
     cfg = load_config(PatchTrainConfig, name, sets=["train.epochs=2", f"learners=[{LEARNER}]"])
@@ -401,7 +420,7 @@ def test_predict_builds_the_training_inputs_bit_for_bit(tiny: dict) -> None:
 
 
 def test_run_folders_from_before_an_added_key_still_resume() -> None:
-    """A config key added later (split.train_fraction, input.blank_lungs_global) at its default hashes and compares
+    """A config key added later (split.train_fraction, split.subset_seed, input.blank_lungs_global) at its default hashes and compares
     as absent, so older run folders resume (and keep their cached votes); any other value is a change."""
     from patchflannel.config import ADDED_DEFAULTS, config_hash, diff_configs
 
