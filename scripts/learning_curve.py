@@ -61,6 +61,13 @@ def summary(points: list[dict]) -> list[str]:
             f1, auc = np.array([p["macro_f1"] for p in at]), np.array([p["auc"] for p in at])
             lines.append(f"| {share:.2f} | mean of {len(at)} draws (range) | | {f1.mean():.3f} ({f1.min():.3f}–{f1.max():.3f}) "
                          f"| {auc.mean():.3f} ({auc.min():.3f}–{auc.max():.3f}) | |")
+    shares = np.log2([p["share"] for p in pooled])
+    if len(set(shares)) > 1:
+        f1 = np.polyfit(shares, [p["macro_f1"] for p in pooled], 1)[0]
+        auc = np.polyfit(shares, [p["auc"] for p in pooled], 1)[0]
+        lines += ["", f"Least-squares slope over the {len(pooled)} pooled draws, per doubling of the share of patients: "
+                      f"macro-F1 {f1:+.3f}, within-adult AUC {auc:+.3f} (a description of these points, without an "
+                      f"interval; not a prediction beyond them)."]
     return lines
 
 
