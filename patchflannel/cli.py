@@ -191,7 +191,7 @@ def _summary_table(results: list[dict[str, Any]], title: str, limit: int = 40) -
 
 
 SEG_COLUMNS = ["file", "name", "status", "error", "width", "height", "convention", "lung_fraction", "components",
-               "removed", "balance", "suspicious", "reason"]
+               "removed", "balance", "convexity", "suspicious", "reason"]
 
 
 @app.command()
@@ -268,6 +268,7 @@ def segment(
                                                         "height": im.shape[0], "convention": convention,
                                                         "lung_fraction": f"{q.lung_fraction:.4f}", "components": q.components,
                                                         "removed": q.removed, "balance": f"{q.balance:.3f}",
+                                                        "convexity": f"{q.convexity:.3f}",
                                                         "suspicious": int(q.suspicious), "reason": q.reason}, SEG_COLUMNS)
                             detail = f"{im.shape[1]}×{im.shape[0]}, lungs {100 * q.lung_fraction:.1f} %"
                             if q.suspicious:

@@ -117,7 +117,12 @@ class MaskQuality:
     shoulders, outside the thorax, specks); ``balance``: area of the smaller
     side (image left / right half of the lungs) over the larger one (1 = equal;
     the heart makes the patient's left lung smaller, ~0.7–0.9 is typical);
-    ``suspicious``: whether a person should look at the overlay, ``reason`` why.
+    ``suspicious``: whether a person should look at the overlay, ``reason`` why;
+    ``convexity``: the lowest, over the mask's lungs, of convex-hull perimeter
+    over outline perimeter (1 = convex; a ragged outline is lower). Reported, not
+    flagged: low values went with `scr` masks that leave opacified lung out on
+    the V7 test part, but also occur on most pediatric masks, for which there is
+    no reference to tell (docs/results.md §1b, `scripts/ragged_masks.py`).
     """
 
     lung_fraction: float
@@ -126,6 +131,7 @@ class MaskQuality:
     balance: float
     suspicious: bool
     reason: str = ""
+    convexity: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +179,15 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask.astype(bool) | (flood[1:-1, 1:-1] == 0)
 
 
+def convexity(mask: np.ndarray) -> float:
+    """Lowest convex-hull perimeter / outline perimeter over the mask's lung-sized outlines (1 if none)."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    min_area = 0.004 * mask.size
+    ratios = [cv2.arcLength(cv2.convexHull(c), True) / cv2.arcLength(c, True)
+              for c in contours if cv2.contourArea(c) >= min_area]
+    return float(min(ratios)) if ratios else 1.0
+
+
 def postprocess(prob: np.ndarray, threshold: float = 0.5, keep: int = 2) -> tuple[np.ndarray, MaskQuality]:
     """``(H,W)`` probabilities → ``(H,W) bool`` lung mask and its :class:`MaskQuality`.
 
@@ -215,8 +230,9 @@ def quality(mask: np.ndarray, kept: Sequence[_Component] | None = None, removed:
     big_removed = [c for c in removed if c.area > 0.02 * mask.size]
     if big_removed:
         reasons.append("removed a large component (" + ", ".join(c.why for c in big_removed) + ")")
+    convex = convexity(mask) if frac > 0 else 0.0
     return MaskQuality(lung_fraction=frac, components=len(kept), removed=len(removed), balance=float(balance),
-                       suspicious=bool(reasons), reason="; ".join(reasons))
+                       suspicious=bool(reasons), reason="; ".join(reasons), convexity=round(convex, 4))
 
 
 # --------------------------------------------------------------------------- the segmenter

@@ -229,6 +229,24 @@ def test_postprocess_drops_specks_keeps_at_most_two_and_fills_holes() -> None:
     assert not mask.any() and q.components == 0
 
 
+def test_convexity_reports_a_ragged_outline() -> None:
+    """A lung whose outer edge is cut by notches (as opacified lung left out makes it) has a low convexity,
+    smooth lungs one near 1; the quality line reports it without flagging it."""
+    from patchflannel.segment import convexity
+
+    yy, xx = np.mgrid[:512, :512]
+    smooth = (((yy - 260) / 150) ** 2 + ((xx - 150) / 60) ** 2 <= 1) | (((yy - 260) / 150) ** 2 + ((xx - 362) / 60) ** 2 <= 1)
+    _, q = postprocess(smooth.astype(np.float32))
+    assert q.convexity > 0.95 and not q.suspicious
+    ragged = smooth.copy()
+    for r in range(140, 400, 24):  # notches 12 px high, 40 px deep into the left lung's outer edge
+        ragged[r:r + 12, 80:130] = False
+    _, q = postprocess(ragged.astype(np.float32))
+    assert q.convexity < 0.85 and q.convexity == round(convexity(ragged), 4) and not q.suspicious
+    assert convexity(np.zeros((64, 64), bool)) == 1.0
+    assert postprocess(np.zeros((64, 64), np.float32))[1].convexity == 0.0  # no lung: nothing convex about it
+
+
 def test_quality_flags_empty_and_one_sided_masks() -> None:
     mask, q = postprocess(np.zeros((256, 256), np.float32))
     assert mask.shape == (256, 256) and mask.dtype == bool and not mask.any()

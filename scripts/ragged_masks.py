@@ -1,0 +1,107 @@
+"""How well a low convexity of an `scr` mask marks the masks that leave lung out.
+
+    python scripts/ragged_masks.py --out docs/results/ragged_masks
+
+For each U-Net's `scr` output, on the validation and test parts of the U-Nets' split
+(docs/results/seg_v2/split.json: JSRT/SCR and V7, grouped by patient): the mask's convexity
+(`patchflannel.segment.convexity`, what `segment`'s quality line reports), whether it is below
+``--threshold`` (0.88: just under the lowest value of `lung_unet_jsrt`'s masks on the JSRT validation part), and the Jaccard and share of the reference
+lung covered (JSRT: the SCR reference; V7: the V7 whole-lung reference, which the `scr` convention does
+not aim to cover behind the heart). With ``--cache`` (a `train-patch` mask cache, e.g.
+runs/cache/cxr_1024_v7.h5, the classifier's `lung_unet_v7` masks) also the share of ragged masks per
+source of the classification images (no reference masks there). Writes ``OUT/ragged_masks.csv`` (per
+image) and ``OUT/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from patchflannel._files import write_csv, write_text
+from patchflannel.data import discover_jsrt, discover_v7, load_seg_case
+from patchflannel.segment import LungSegmenter
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--split", type=Path, default=Path("docs/results/seg_v2/split.json"))
+    ap.add_argument("--weights", nargs="+", default=["lung_unet_jsrt", "lung_unet_v7", "lung_unet_v7b"])
+    ap.add_argument("--out", type=Path, default=Path("docs/results/ragged_masks"))
+    ap.add_argument("--threshold", type=float, default=0.88, help="convexity below which a mask counts as ragged")
+    ap.add_argument("--cache", type=Path, help="a train-patch mask cache (.h5): count ragged masks per source")
+    ap.add_argument("--metadata", type=Path, default=Path("../shared/data/cxr/metadata.csv"),
+                    help="the classification images' metadata (image_id → source), with --cache")
+    args = ap.parse_args(argv)
+    split = json.loads(args.split.read_text(encoding="utf-8"))
+    try:
+        cases = {"jsrt": {c.case_id: c for c in discover_jsrt(split["data"]["jsrt"])},
+                 "v7": {c.case_id: c for c in discover_v7(split["data"]["v7"])}}
+    except Exception as e:  # noqa: BLE001 - a missing data folder is reported, not raised
+        print(f"data not found: {e}", file=sys.stderr)
+        return 2
+    loaded = {(d, p): [load_seg_case(cases[d][i]) + (i,) for i in split[d][p]] for d in ("jsrt", "v7") for p in ("val", "test")}
+    rows = []
+    for w in args.weights:
+        seg = LungSegmenter.from_pretrained(w, backend="torch")
+        for (domain, part), items in loaded.items():
+            for img, ref, _, cid in items:
+                res = seg.segment([img], "scr")[0]
+                m = res.mask_work
+                inter = int((m & ref).sum())
+                rows.append({"weights": w, "domain": domain, "part": part, "id": cid,
+                             "jaccard": round(inter / max(int((m | ref).sum()), 1), 4),
+                             "covered": round(inter / max(int(ref.sum()), 1), 4),
+                             "convexity": res.quality.convexity, "ragged": int(res.quality.convexity < args.threshold),
+                             "suspicious": int(res.quality.suspicious), "reason": res.quality.reason})
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "ragged_masks.csv", rows)
+    lines = [f"`scr` masks with a ragged outline (convexity < {args.threshold:g}); Jaccard and covered share against "
+             "each domain's reference (V7: the whole lung field, which `scr` does not aim to cover behind the heart).", "",
+             "| weights | domain | part | n | lowest convexity | ragged | Jaccard < 0.75 (of them ragged) | mean Jaccard ragged / not | mean covered ragged / not |",
+             "|---|---|---|---:|---:|---:|---:|---|---|"]
+    for w in args.weights:
+        for domain, part in loaded:
+            g = [r for r in rows if (r["weights"], r["domain"], r["part"]) == (w, domain, part)]
+            f = np.array([r["ragged"] for r in g], bool)
+            j, c = np.array([r["jaccard"] for r in g]), np.array([r["covered"] for r in g])
+
+            def pair(v: np.ndarray) -> str:
+                return f"{v[f].mean():.3f} / {v[~f].mean():.3f}" if f.any() and (~f).any() else \
+                    (f"— / {v.mean():.3f}" if not f.any() else f"{v.mean():.3f} / —")
+            lines.append(f"| `{w}` | {domain} | {part} | {len(g)} | {min(r['convexity'] for r in g):.3f} | {int(f.sum())} | "
+                         f"{int((j < 0.75).sum())} ({int(((j < 0.75) & f).sum())}) | {pair(j)} | {pair(c)} |")
+    if args.cache:
+        lines += ["", *_by_source(args.cache, args.metadata, args.threshold)]
+    write_text(args.out / "summary.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _by_source(cache: Path, metadata: Path, threshold: float) -> list[str]:
+    import csv
+    from collections import Counter
+
+    import h5py
+
+    from patchflannel.segment import convexity
+
+    source = {r["image_id"]: r["source"] for r in csv.DictReader(metadata.open(encoding="utf-8"))}
+    n, ragged = Counter(), Counter()
+    with h5py.File(cache, "r") as f:
+        for i, cid in enumerate(f["ids"][:]):
+            cid = cid.decode() if isinstance(cid, bytes) else str(cid)
+            src = source.get(cid, "not in the metadata (training-only JSRT)")
+            n[src] += 1
+            ragged[src] += convexity(f["masks"][i] > 0) < threshold
+    out = [f"Masks in `{cache}` with convexity < {threshold:g}, per source (no reference masks: how often, not how wrong):", "",
+           "| source | images | ragged |", "|---|---:|---:|"]
+    return out + [f"| {s} | {n[s]} | {ragged[s]} ({100 * ragged[s] / n[s]:.0f} %) |" for s in sorted(n)]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
