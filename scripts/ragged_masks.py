@@ -10,7 +10,8 @@ lung covered (JSRT: the SCR reference; V7: the V7 whole-lung reference, which th
 not aim to cover behind the heart). With ``--cache`` (a `train-patch` mask cache, e.g.
 runs/cache/cxr_1024_v7.h5, the classifier's `lung_unet_v7` masks) also the share of ragged masks per
 source of the classification images (no reference masks there). Writes ``OUT/ragged_masks.csv`` (per
-image) and ``OUT/summary.md``.
+image), ``OUT/summary.md`` and ``OUT/most_ragged_v7_test.png`` (the first weights' six most ragged
+masks on the V7 test part, with the reference).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data not found: {e}", file=sys.stderr)
         return 2
     loaded = {(d, p): [load_seg_case(cases[d][i]) + (i,) for i in split[d][p]] for d in ("jsrt", "v7") for p in ("val", "test")}
-    rows = []
+    rows, shown = [], []
     for w in args.weights:
         seg = LungSegmenter.from_pretrained(w, backend="torch")
         for (domain, part), items in loaded.items():
@@ -53,12 +54,20 @@ def main(argv: list[str] | None = None) -> int:
                 res = seg.segment([img], "scr")[0]
                 m = res.mask_work
                 inter = int((m & ref).sum())
+                if w == args.weights[0] and (domain, part) == ("v7", "test"):
+                    shown.append((res.quality.convexity, cid, img, ref, m, inter / max(int((m | ref).sum()), 1)))
                 rows.append({"weights": w, "domain": domain, "part": part, "id": cid,
                              "jaccard": round(inter / max(int((m | ref).sum()), 1), 4),
                              "covered": round(inter / max(int(ref.sum()), 1), 4),
                              "convexity": res.quality.convexity, "ragged": int(res.quality.convexity < args.threshold),
                              "suspicious": int(res.quality.suspicious), "reason": res.quality.reason})
     args.out.mkdir(parents=True, exist_ok=True)
+    from patchflannel.segment_train import plot_worst
+
+    low = sorted(shown, key=lambda t: t[0])[:6]  # the most ragged masks of the first weights on the V7 test part
+    plot_worst([t[2] for t in low], [t[3] for t in low], [t[4] for t in low],
+               [f"{t[1][:28]}: convexity {t[0]:.2f}, Jaccard {t[5]:.2f}" for t in low], args.out / "most_ragged_v7_test.png",
+               f"{args.weights[0]} scr (red) against the V7 reference (green): the 6 lowest convexities, V7 test part")
     write_csv(args.out / "ragged_masks.csv", rows)
     lines = [f"`scr` masks with a ragged outline (convexity < {args.threshold:g}); Jaccard and covered share against "
              "each domain's reference (V7: the whole lung field, which `scr` does not aim to cover behind the heart).", "",
