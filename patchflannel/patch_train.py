@@ -70,7 +70,7 @@ class PatchSplitConfig(Section):
     val_frac: float = Field(default=0.15, gt=0, lt=0.5)
     run_folds: list[int] | None = None  # screening: train only these folds (no refit, no complete OOF votes)
     train_fraction: float = Field(default=1.0, gt=0, le=1)  # learning curves: keep this share of each fold's training patients
-    subset_seed: int | None = None  # learning curves: which patients are kept (default: seed); another value, another draw
+    subset_seed: int | None = Field(default=None, ge=0, lt=2**31)  # learning curves: which patients are kept (default: seed); another value, another draw
 
 
 class PatchInputConfig(Section):
@@ -138,6 +138,9 @@ class PatchTrainConfig(Section):
         if self.split.train_fraction < 1 and self.train.refit and self.split.run_folds is None:
             raise ValueError("split.train_fraction < 1 is for learning curves on the folds: set train.refit=false "
                              "(a refit model trains on every non-test image)")
+        if self.split.subset_seed is not None and self.split.train_fraction >= 1:
+            raise ValueError("split.subset_seed draws which patients a learning-curve point keeps: set "
+                             "split.train_fraction < 1, or leave subset_seed unset")
         return self
 
 

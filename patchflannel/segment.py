@@ -118,11 +118,13 @@ class MaskQuality:
     side (image left / right half of the lungs) over the larger one (1 = equal;
     the heart makes the patient's left lung smaller, ~0.7–0.9 is typical);
     ``suspicious``: whether a person should look at the overlay, ``reason`` why;
-    ``convexity``: the lowest, over the mask's lungs, of convex-hull perimeter
-    over outline perimeter (1 = convex; a ragged outline is lower). Reported, not
-    flagged: low values went with `scr` masks that leave opacified lung out on
-    the V7 test part, but also occur on most pediatric masks, for which there is
-    no reference to tell (docs/results.md §1b, `scripts/ragged_masks.py`).
+    ``convexity``: the lowest, over the mask's outlines, of convex-hull perimeter
+    over outline perimeter (0 when there is no lung). Pixel outlines are
+    staircases, so a smooth convex lung scores about 0.92–0.96 at 1024², a
+    ragged one lower. Reported, not flagged: low values went with `scr` masks
+    that leave opacified lung out on the V7 test part, but also occur on most
+    pediatric masks, for which there is no reference to tell (docs/results.md
+    §1b, `scripts/ragged_masks.py`).
     """
 
     lung_fraction: float
@@ -131,7 +133,7 @@ class MaskQuality:
     balance: float
     suspicious: bool
     reason: str = ""
-    convexity: float = 1.0
+    convexity: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,11 +149,15 @@ class _Component:
     why: str = ""
 
 
+#: Components under this share of the image are specks, not lungs.
+MIN_LUNG_SHARE = 0.004
+
+
 def _components(binary: np.ndarray) -> tuple[np.ndarray, list[_Component]]:
     h, w = binary.shape
     n, labels, stats, cents = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
     comps = []
-    min_area = 0.004 * h * w
+    min_area = MIN_LUNG_SHARE * h * w
     for i in range(1, n):
         area = int(stats[i, cv2.CC_STAT_AREA])
         cx, cy = float(cents[i, 0]) / w, float(cents[i, 1]) / h
@@ -180,12 +186,14 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def convexity(mask: np.ndarray) -> float:
-    """Lowest convex-hull perimeter / outline perimeter over the mask's lung-sized outlines (1 if none)."""
+    """Lowest convex-hull perimeter / outline perimeter over the mask's outer outlines that are not specks
+    (:data:`MIN_LUNG_SHARE`; the polygon area of an outline undercounts its pixels, hence half of it); 0 if none.
+    A single outline around both lungs is measured whole (its notch between the lungs counts)."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    min_area = 0.004 * mask.size
+    min_area = 0.5 * MIN_LUNG_SHARE * mask.size
     ratios = [cv2.arcLength(cv2.convexHull(c), True) / cv2.arcLength(c, True)
-              for c in contours if cv2.contourArea(c) >= min_area]
-    return float(min(ratios)) if ratios else 1.0
+              for c in contours if cv2.contourArea(c) >= min_area and cv2.arcLength(c, True) > 0]
+    return float(min(ratios)) if ratios else 0.0
 
 
 def postprocess(prob: np.ndarray, threshold: float = 0.5, keep: int = 2) -> tuple[np.ndarray, MaskQuality]:
@@ -230,7 +238,7 @@ def quality(mask: np.ndarray, kept: Sequence[_Component] | None = None, removed:
     big_removed = [c for c in removed if c.area > 0.02 * mask.size]
     if big_removed:
         reasons.append("removed a large component (" + ", ".join(c.why for c in big_removed) + ")")
-    convex = convexity(mask) if frac > 0 else 0.0
+    convex = convexity(mask)
     return MaskQuality(lung_fraction=frac, components=len(kept), removed=len(removed), balance=float(balance),
                        suspicious=bool(reasons), reason="; ".join(reasons), convexity=round(convex, 4))
 

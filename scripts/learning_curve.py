@@ -29,9 +29,19 @@ def _ci(text: str) -> tuple[float, float]:
     return float(low), float(high)
 
 
+NEEDED = ("fold", "recipe", "macro_f1", "ci_low", "ci_high", "adult_covid_auc", "adult_auc_ci",
+          "adult_non_covid_called_covid", "n_train")
+
+
 def read_points(screen: Path, shares: dict[str, float]) -> list[dict]:
     """The screen rows of the named recipes, with their share, the AUC's CI bounds parsed."""
-    rows = list(csv.DictReader(screen.open(encoding="utf-8")))
+    with screen.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing_cols = [c for c in NEEDED if c not in (reader.fieldnames or [])]
+        if missing_cols:
+            raise ValueError(f"{screen}: no column {', '.join(missing_cols)} (written by scripts/recipe_screen.py "
+                             "since session 7: rerun it)")
+        rows = list(reader)
     found = {r["recipe"] for r in rows}
     missing = sorted(set(shares) - found)
     if missing:
@@ -84,7 +94,7 @@ def plot(points: list[dict], path: Path) -> None:
             xs = np.array([p["share"] for p in at])
             ys = np.array([p[key] for p in at])
             if "+" in fold:
-                err = np.array([[p[key] - p[lo] for p in at], [p[hi] - p[key] for p in at]])
+                err = np.clip(np.array([[p[key] - p[lo] for p in at], [p[hi] - p[key] for p in at]]), 0, None)
                 ax.errorbar(xs, ys, yerr=err, fmt="o", color="black", capsize=3, label=f"folds {fold} pooled (95 % CI)")
                 shares = sorted(set(xs))
                 ax.plot(shares, [ys[xs == s].mean() for s in shares], color="black", lw=1.5)
@@ -97,7 +107,7 @@ def plot(points: list[dict], path: Path) -> None:
             ax.axhline(0.75, color="tab:red", ls="--", lw=1, label="issue 11's target")
         ax.set_xlabel("share of each fold's training patients")
         ax.set_ylabel(label)
-        ax.set_xlim(0.25, 1.05)
+        ax.set_xlim(min(0.25, min(p["share"] for p in points) - 0.05), 1.05)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle("Whole-image learner, out of fold: every draw a point; the line joins the pooled means", fontsize=9)
@@ -111,20 +121,28 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shares: dict[str, float] = {}
     for spec in args.points:
-        share, _, recipe = spec.partition("=")
+        share, eq, recipe = spec.partition("=")
         try:
-            shares[recipe] = float(share)
+            value = float(share)
         except ValueError:
+            value = float("nan")
+        if not eq or not recipe or not 0 < value <= 1:
             ap.error(f"{spec}: expected SHARE=RECIPE with SHARE a number in (0, 1]")
+        if recipe in shares:
+            ap.error(f"{recipe}: listed twice")
+        shares[recipe] = round(value, 4)
     try:
         points = read_points(args.screen, shares)
     except (OSError, ValueError) as e:
         print(e, file=sys.stderr)
         return 2
+    if not any("+" in p["fold"] for p in points):
+        print(f"{args.screen}: no pooled rows (fold 0+1+…): run scripts/recipe_screen.py with --pooled", file=sys.stderr)
+        return 2
     out = args.screen.parent
-    plot(points, out / "learning_curve.png")
     lines = summary(points)
     write_text(out / "learning_curve.md", "\n".join(lines) + "\n")
+    plot(points, out / "learning_curve.png")
     print("\n".join(lines))
     return 0
 

@@ -1,6 +1,6 @@
 """How well a low convexity of an `scr` mask marks the masks that leave lung out.
 
-    python scripts/ragged_masks.py --out docs/results/ragged_masks
+    python scripts/ragged_masks.py --cache runs/cache/cxr_1024_v7.h5 --out docs/results/ragged_masks
 
 For each U-Net's `scr` output, on the validation and test parts of the U-Nets' split
 (docs/results/seg_v2/split.json: JSRT/SCR and V7, grouped by patient): the mask's convexity
@@ -9,7 +9,8 @@ For each U-Net's `scr` output, on the validation and test parts of the U-Nets' s
 lung covered (JSRT: the SCR reference; V7: the V7 whole-lung reference, which the `scr` convention does
 not aim to cover behind the heart). With ``--cache`` (a `train-patch` mask cache, e.g.
 runs/cache/cxr_1024_v7.h5, the classifier's `lung_unet_v7` masks) also the share of ragged masks per
-source of the classification images (no reference masks there). Writes ``OUT/ragged_masks.csv`` (per
+source of the classification images (no reference masks there). The U-Nets run in PyTorch here (what
+`eval-seg` uses; `segment`'s ONNX Runtime masks agree to a few border pixels). Writes ``OUT/ragged_masks.csv`` (per
 image), ``OUT/summary.md`` and ``OUT/most_ragged_v7_test.png`` (the first weights' six most ragged
 masks on the V7 test part, with the reference).
 """
@@ -26,6 +27,7 @@ import numpy as np
 from patchflannel._files import write_csv, write_text
 from patchflannel.data import discover_jsrt, discover_v7, load_seg_case
 from patchflannel.segment import LungSegmenter
+from patchflannel.segment_train import mask_scores, plot_worst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/results/ragged_masks"))
     ap.add_argument("--threshold", type=float, default=0.88, help="convexity below which a mask counts as ragged")
     ap.add_argument("--cache", type=Path, help="a train-patch mask cache (.h5): count ragged masks per source")
-    ap.add_argument("--metadata", type=Path, default=Path("../shared/data/cxr/metadata.csv"),
-                    help="the classification images' metadata (image_id → source), with --cache")
     args = ap.parse_args(argv)
     split = json.loads(args.split.read_text(encoding="utf-8"))
+    if args.cache and not args.cache.is_file():
+        print(f"{args.cache}: mask cache not found (train-patch writes it)", file=sys.stderr)
+        return 2
     try:
         cases = {"jsrt": {c.case_id: c for c in discover_jsrt(split["data"]["jsrt"])},
                  "v7": {c.case_id: c for c in discover_v7(split["data"]["v7"])}}
@@ -52,21 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         for (domain, part), items in loaded.items():
             for img, ref, _, cid in items:
                 res = seg.segment([img], "scr")[0]
-                m = res.mask_work
-                inter = int((m & ref).sum())
+                sc = mask_scores(res.mask_work, ref)  # no reference here is empty (eval-seg skips such images)
                 if w == args.weights[0] and (domain, part) == ("v7", "test"):
-                    shown.append((res.quality.convexity, cid, img, ref, m, inter / max(int((m | ref).sum()), 1)))
+                    shown.append((res.quality.convexity, cid, img, ref, res.mask_work, sc["jaccard"]))
                 rows.append({"weights": w, "domain": domain, "part": part, "id": cid,
-                             "jaccard": round(inter / max(int((m | ref).sum()), 1), 4),
-                             "covered": round(inter / max(int(ref.sum()), 1), 4),
+                             "jaccard": round(sc["jaccard"], 4), "covered": round(1 - sc["missed"], 4),
                              "convexity": res.quality.convexity, "ragged": int(res.quality.convexity < args.threshold),
                              "suspicious": int(res.quality.suspicious), "reason": res.quality.reason})
     args.out.mkdir(parents=True, exist_ok=True)
-    from patchflannel.segment_train import plot_worst
 
     low = sorted(shown, key=lambda t: t[0])[:6]  # the most ragged masks of the first weights on the V7 test part
     plot_worst([t[2] for t in low], [t[3] for t in low], [t[4] for t in low],
-               [f"{t[1][:28]}: convexity {t[0]:.2f}, Jaccard {t[5]:.2f}" for t in low], args.out / "most_ragged_v7_test.png",
+               [f"{t[1][-34:]}\nconvexity {t[0]:.2f}, Jaccard {t[5]:.2f}" for t in low], args.out / "most_ragged_v7_test.png",
                f"{args.weights[0]} scr (red) against the V7 reference (green): the 6 lowest convexities, V7 test part")
     write_csv(args.out / "ragged_masks.csv", rows)
     lines = [f"`scr` masks with a ragged outline (convexity < {args.threshold:g}); Jaccard and covered share against "
@@ -85,28 +85,24 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| `{w}` | {domain} | {part} | {len(g)} | {min(r['convexity'] for r in g):.3f} | {int(f.sum())} | "
                          f"{int((j < 0.75).sum())} ({int(((j < 0.75) & f).sum())}) | {pair(j)} | {pair(c)} |")
     if args.cache:
-        lines += ["", *_by_source(args.cache, args.metadata, args.threshold)]
+        lines += ["", *_by_source(args.cache, args.threshold)]
     write_text(args.out / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
 
-def _by_source(cache: Path, metadata: Path, threshold: float) -> list[str]:
-    import csv
+def _by_source(cache: Path, threshold: float) -> list[str]:
     from collections import Counter
 
-    import h5py
-
     from patchflannel.segment import convexity
+    from patchflannel.store import Store
 
-    source = {r["image_id"]: r["source"] for r in csv.DictReader(metadata.open(encoding="utf-8"))}
     n, ragged = Counter(), Counter()
-    with h5py.File(cache, "r") as f:
-        for i, cid in enumerate(f["ids"][:]):
-            cid = cid.decode() if isinstance(cid, bytes) else str(cid)
-            src = source.get(cid, "not in the metadata (training-only JSRT)")
+    with Store(cache) as store:
+        for i, meta in enumerate(store.meta):
+            src = str(meta.get("source") or "?")
             n[src] += 1
-            ragged[src] += convexity(f["masks"][i] > 0) < threshold
+            ragged[src] += convexity(store.mask(i) > 0) < threshold
     out = [f"Masks in `{cache}` with convexity < {threshold:g}, per source (no reference masks: how often, not how wrong):", "",
            "| source | images | ragged |", "|---|---:|---:|"]
     return out + [f"| {s} | {n[s]} | {ragged[s]} ({100 * ragged[s] / n[s]:.0f} %) |" for s in sorted(n)]

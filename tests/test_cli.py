@@ -217,6 +217,7 @@ def test_segment_writes_masks_overlays_and_quality_lines(tmp_path: Path) -> None
         frac = float((mask > 0).mean())
         assert 0.1 < frac < 0.6, f"lung fraction {frac:.2f} is implausible"
         assert float(r["lung_fraction"]) == pytest.approx(frac, abs=0.03)
+        assert 0.5 < float(r["convexity"]) <= 1
         ov = cv2.imread(str(out / "overlays" / f"{sample.stem}.png"))
         assert ov.shape[:2] == img.shape
     assert "2/2 segmented" in plain(res.stdout)

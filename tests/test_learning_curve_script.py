@@ -49,5 +49,10 @@ def test_unknown_recipe_or_share_is_a_clear_error(tmp_path: Path, capsys: pytest
     screen = _screen(tmp_path / "screen.csv")
     assert mod.main([str(screen), "1=all", "0.5=half"]) == 2
     assert "no rows for half" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        mod.main([str(screen), "one=all"])
+    for bad in (["one=all"], ["0=all"], ["1.5=all"], ["0.5"], ["1=all", "0.5=all"]):
+        with pytest.raises(SystemExit):
+            mod.main([str(screen), *bad])
+    old = tmp_path / "old.csv"  # a screen from before the AUC interval column
+    old.write_text("fold,recipe,macro_f1\n0,all,0.5\n", encoding="utf-8")
+    assert mod.main([str(old), "1=all"]) == 2
+    assert "no column" in capsys.readouterr().err

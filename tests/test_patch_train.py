@@ -107,8 +107,12 @@ def test_subset_seed_draws_other_patients_and_defaults_to_seed() -> None:
     assert kept() == kept(subset_seed=5) == set(subsample_groups(idx, labels, groups, 0.5, seed=6))
     other = kept(subset_seed=9)
     assert other != kept() and len(other) == len(kept())  # another draw of the same size
-    full = validate_config(PatchTrainConfig, {"split": {"subset_seed": 9}}, "x")
+    full = validate_config(PatchTrainConfig, {}, "x")
     assert learning_curve_subset(idx, labels, groups, full, fold=0) == idx  # no share, no draw
+    with pytest.raises(ConfigError, match="subset_seed"):  # a draw without a share would change nothing
+        validate_config(PatchTrainConfig, {"split": {"subset_seed": 9}}, "x")
+    with pytest.raises(ConfigError, match="subset_seed"):
+        validate_config(PatchTrainConfig, {"split": {"train_fraction": 0.5, "subset_seed": -1}, "train": {"refit": False}}, "x")
 
 
 @pytest.mark.parametrize("name", ["patch_cpu", "patch_paper"])
