@@ -113,15 +113,15 @@ class MaskQuality:
     """Per-mask quality line (``segment`` writes one per image to ``OUT/masks.csv``).
 
     ``lung_fraction``: share of the image that is lung; ``components``: lung
-    components kept; ``removed``: implausible components dropped (neck,
-    shoulders, outside the thorax, specks); ``balance``: area of the smaller
+    components kept; ``removed``: components dropped (implausible ones: neck,
+    shoulders, outside the thorax, specks; and any beyond the two largest); ``balance``: area of the smaller
     side (image left / right half of the lungs) over the larger one (1 = equal;
     the heart makes the patient's left lung smaller, ~0.7–0.9 is typical);
     ``suspicious``: whether a person should look at the overlay, ``reason`` why;
     ``convexity``: the lowest, over the mask's outlines, of convex-hull perimeter
     over outline perimeter (0 when there is no lung). Pixel outlines are
-    staircases, so a smooth convex lung scores about 0.92–0.96 at 1024², a
-    ragged one lower. Reported, not flagged: low values went with `scr` masks
+    staircases, so even smooth lungs score below 1 (JSRT masks at 1024²:
+    0.894–0.945), ragged ones lower. Reported, not flagged: low values went with `scr` masks
     that leave opacified lung out on the V7 test part, but also occur on most
     pediatric masks, for which there is no reference to tell (docs/results.md
     §1b, `scripts/ragged_masks.py`).
