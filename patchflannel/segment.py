@@ -120,8 +120,8 @@ class MaskQuality:
     ``suspicious``: whether a person should look at the overlay, ``reason`` why;
     ``convexity``: the lowest, over the mask's outlines, of convex-hull perimeter
     over outline perimeter (0 when there is no lung). Pixel outlines are
-    staircases, so even smooth lungs score below 1 (JSRT masks at 1024²:
-    0.894–0.945), ragged ones lower. Reported, not flagged: low values went with `scr` masks
+    staircases, so even smooth lungs score below 1 (``lung_unet_jsrt``'s
+    JSRT masks at 1024²: 0.894–0.945), ragged ones lower. Reported, not flagged: low values went with `scr` masks
     that leave opacified lung out on the V7 test part, but also occur on most
     pediatric masks, for which there is no reference to tell (docs/results.md
     §1b, `scripts/ragged_masks.py`).
