@@ -192,7 +192,7 @@ def convexity(mask: np.ndarray) -> float:
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     min_area = 0.5 * MIN_LUNG_SHARE * mask.size
     ratios = [cv2.arcLength(cv2.convexHull(c), True) / cv2.arcLength(c, True)
-              for c in contours if cv2.contourArea(c) >= min_area and cv2.arcLength(c, True) > 0]
+              for c in contours if cv2.contourArea(c) >= min_area]  # a lung-sized outline has a length
     return float(min(ratios)) if ratios else 0.0
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from patchflannel._files import write_csv, write_text
 from patchflannel.data import discover_jsrt, discover_v7, load_seg_case
+from patchflannel.errors import DataError
 from patchflannel.segment import LungSegmenter
 from patchflannel.segment_train import mask_scores, plot_worst
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cases = {"jsrt": {c.case_id: c for c in discover_jsrt(split["data"]["jsrt"])},
                  "v7": {c.case_id: c for c in discover_v7(split["data"]["v7"])}}
-    except Exception as e:  # noqa: BLE001 - a missing data folder is reported, not raised
+    except (DataError, KeyError) as e:  # a missing data folder or split part is reported, not raised
         print(f"data not found: {e}", file=sys.stderr)
         return 2
     loaded = {(d, p): [load_seg_case(cases[d][i]) + (i,) for i in split[d][p]] for d in ("jsrt", "v7") for p in ("val", "test")}
@@ -78,17 +79,18 @@ def main(argv: list[str] | None = None) -> int:
             g = [r for r in rows if (r["weights"], r["domain"], r["part"]) == (w, domain, part)]
             f = np.array([r["ragged"] for r in g], bool)
             j, c = np.array([r["jaccard"] for r in g]), np.array([r["covered"] for r in g])
-
-            def pair(v: np.ndarray) -> str:
-                return f"{v[f].mean():.3f} / {v[~f].mean():.3f}" if f.any() and (~f).any() else \
-                    (f"— / {v.mean():.3f}" if not f.any() else f"{v.mean():.3f} / —")
             lines.append(f"| `{w}` | {domain} | {part} | {len(g)} | {min(r['convexity'] for r in g):.3f} | {int(f.sum())} | "
-                         f"{int((j < 0.75).sum())} ({int(((j < 0.75) & f).sum())}) | {pair(j)} | {pair(c)} |")
+                         f"{int((j < 0.75).sum())} ({int(((j < 0.75) & f).sum())}) | {_means(j, f)} | {_means(c, f)} |")
     if args.cache:
         lines += ["", *_by_source(args.cache, args.threshold)]
     write_text(args.out / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _means(v: np.ndarray, ragged: np.ndarray) -> str:
+    """Mean of ``v`` over the ragged masks / over the rest ("—" for an empty side)."""
+    return " / ".join(f"{v[s].mean():.3f}" if s.any() else "—" for s in (ragged, ~ragged))
 
 
 def _by_source(cache: Path, threshold: float) -> list[str]:
