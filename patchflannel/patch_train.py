@@ -537,10 +537,10 @@ def train_patch_run(cfg: PatchTrainConfig, data: CxrData, run_dir: str | os.Path
         old = yaml.safe_load(cfg_file.read_text()) or {}
         now = cfg.model_dump(mode="json")
         from .config import diff_configs
-        from .training import RESUMABLE_KEYS
+        from .training import RESUMABLE_KEYS, SWITCHABLE_KEYS
 
         changes = [c for c in diff_configs(old, now)
-                   if not c.startswith("learners") and c.split(":")[0] not in RESUMABLE_KEYS]
+                   if not c.startswith("learners") and c.split(":")[0] not in RESUMABLE_KEYS | SWITCHABLE_KEYS]
         if (old.get("split") or {}).get("run_folds") is None and cfg.split.run_folds is not None:
             # a screen may be completed to every fold, but a full run must not be cut down to a screen
             changes.append(f"split.run_folds: None → {cfg.split.run_folds}")

@@ -57,6 +57,11 @@ Track = Callable[[Iterable[Any], str, "int | None"], Iterable[Any]]
 # every fold). Matched at the top level of a run's config and under "config." (train-patch nests it).
 RESUMABLE_KEYS = frozenset({"train.epochs", "train.patience", "split.run_folds"})
 _RESUMABLE = RESUMABLE_KEYS | {f"config.{k}" for k in RESUMABLE_KEYS}
+# Switching these never changes what a run has trained (train.refit only adds a model after the folds), so a
+# finished run may be resumed with them changed; unlike RESUMABLE_KEYS they stay in the hash (the hash of every
+# existing checkpoint is unchanged, and what is keyed by it, e.g. cached votes, is redone once).
+SWITCHABLE_KEYS = frozenset({"train.refit"})
+_SWITCHABLE = SWITCHABLE_KEYS | {f"config.{k}" for k in SWITCHABLE_KEYS}
 # Checkpoints of v0.3 train-patch folds also hashed a top-level "epochs" (their train.epochs).
 _LEGACY_RESUMABLE = frozenset({"epochs"})
 CHECKPOINT = "checkpoint.pt"
@@ -178,7 +183,7 @@ class Trainer:
 
             old = json.loads(ck.get("config_json", "{}"))
             changes = [c for c in diff_configs(old, self.config_dict)
-                       if c.split(":")[0] not in _RESUMABLE | _LEGACY_RESUMABLE]
+                       if c.split(":")[0] not in _RESUMABLE | _LEGACY_RESUMABLE | _SWITCHABLE]
             if changes or not old:
                 raise ConfigChangedError(
                     f"{path.parent}: this run was started with another config, so it cannot resume "

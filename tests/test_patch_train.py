@@ -399,6 +399,46 @@ def test_train_patch_run_end_to_end_and_rerun_reuses_folds(tiny: dict, tmp_path:
 
 
 @pytest.mark.data
+@pytest.mark.slow
+def test_refit_switched_on_for_a_finished_fold_run_adds_the_refit_model_only(tiny: dict, tmp_path: Path) -> None:
+    """A fold run trained with train.refit=false can be given its refit model later: the folder is not
+    refused, no fold model trains again (weights and history unchanged), and the refit model and its test
+    votes are added. Any other change is still refused."""
+    import hashlib
+
+    from patchflannel.patch_train import train_patch_run
+
+    cfg = validate_config(PatchTrainConfig, {
+        "seed": 0,
+        "data": {"cache": str(tiny["cache"]), "segmenter": SEG},
+        "split": {"test_frac": 0.25, "folds": 2, "val_frac": 0.34},
+        "input": {"patch_size": 64, "learner_input": 32},
+        "learners": [LEARNER], "k": 2, "k_val": 2,
+        "train": {"epochs": 1, "batch_size": 16, "patches_per_image": 4, "refit": False},
+    }, "test")
+    data = load_cache(tiny["cache"], tiny["records"], tiny["sha"])
+    run, ldir = tmp_path / "run", tmp_path / "run" / LEARNER
+    train_patch_run(cfg, data, run)
+    assert not (ldir / "refit").exists() and "soft_refit" not in np.load(ldir / "test.npz").files
+
+    def state() -> dict[str, str]:
+        return {str(p.relative_to(ldir)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for f in (0, 1) for p in (ldir / f"fold{f}" / "best" / "model.safetensors", ldir / f"fold{f}" / "history.csv")}
+
+    before = state()
+    oof_before = np.load(ldir / "oof.npz")["soft"]
+    with_refit = cfg.model_copy(update={"train": cfg.train.model_copy(update={"refit": True})})
+    res = train_patch_run(with_refit, data, run)
+    assert state() == before
+    np.testing.assert_array_equal(np.load(ldir / "oof.npz")["soft"], oof_before)
+    assert (ldir / "refit" / "best" / "model.safetensors").is_file() and res[LEARNER]["refit_epochs"] == 1
+    assert np.load(ldir / "test.npz")["soft_refit"].shape == (len(np.load(ldir / "test.npz")["ids"]), 4)
+    other = with_refit.model_copy(update={"train": with_refit.train.model_copy(update={"lr": 0.5})})
+    with pytest.raises(ResumeError, match="another config"):
+        train_patch_run(other, data, run)
+
+
+@pytest.mark.data
 def test_predict_builds_the_training_inputs_bit_for_bit(tiny: dict) -> None:
     """What a learner was trained and voted on (the cache: work image, mask, crops) is exactly what
     `predict` builds from the same file: same work image and mask, same crop seeds, same crops."""
