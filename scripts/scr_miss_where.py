@@ -1,0 +1,178 @@
+"""Where, relative to the ``scr`` mask, does the V7 lung it misses lie? A ceiling for issue 9's 85 %.
+
+    python scripts/scr_miss_where.py --out docs/results/scr_miss_where
+
+Issue 9 asks the default ``scr`` mask to cover ≥ 85 % of the V7 whole-lung reference. SCR leaves
+out the lung behind the heart and the mediastinum, which V7 includes. Every reference pixel the
+``scr`` mask misses is put in one of five places, per image side (left/right of the midline between
+the reference's two lungs), by the ``scr`` mask's extent on the same side:
+
+* ``medial``: in a row where the ``scr`` lung has pixels, between its medial edge and the midline —
+  behind the heart and the mediastinum: where the SCR convention itself stops;
+* ``lateral``: in such a row, outside the ``scr`` lung's lateral edge (the chest wall side);
+* ``basal`` / ``apical``: below the ``scr`` lung's lowest row / above its highest;
+* ``inside``: between the ``scr`` lung's edges in a row (notches and holes), or in a row gap.
+
+``1 − medial`` is then what a mask that follows SCR's convention medially and misses nothing else
+would cover: a geometric stand-in for the convention's ceiling (a medial opacity counts as medial
+here, so it is generous to the convention rather than to the target). The U-Nets run in PyTorch
+(what ``eval-seg`` uses). Writes ``OUT/scr_miss_where.csv`` (per image and weights),
+``OUT/summary.md`` and ``OUT/examples.png`` (the first weights' four largest misses, by place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from patchflannel._files import write_csv, write_text
+from patchflannel.data import discover_jsrt, discover_v7, load_seg_case
+from patchflannel.errors import DataError
+from patchflannel.segment import LungSegmenter
+
+PLACES = ("medial", "lateral", "basal", "apical", "inside")
+
+
+def midline(ref: np.ndarray) -> float:
+    """Column halfway between the centroids of the reference's two largest components (image centre
+    if it has fewer than two)."""
+    import cv2
+
+    n, lab, stats, cent = cv2.connectedComponentsWithStats(ref.astype(np.uint8), connectivity=8)
+    if n < 3:
+        return (ref.shape[1] - 1) / 2
+    big = np.argsort(stats[1:, cv2.CC_STAT_AREA])[::-1][:2] + 1
+    return float(cent[big, 0].mean())
+
+
+def miss_places(ref: np.ndarray, scr: np.ndarray, mid: float | None = None) -> dict[str, np.ndarray]:
+    """Boolean maps, one per place in :data:`PLACES`, that together partition ``ref & ~scr``."""
+    h, w = ref.shape
+    mid = midline(ref) if mid is None else mid
+    cols = np.arange(w)[None, :]
+    rows = np.arange(h)[:, None]
+    miss = ref & ~scr
+    out = {p: np.zeros_like(miss) for p in PLACES}
+    for side_is_left in (True, False):
+        side = cols < mid if side_is_left else cols >= mid
+        s = scr & side
+        m = miss & side
+        has = s.any(1)
+        lo = np.where(has, np.argmax(s, 1), -1)[:, None]                       # first scr column in the row
+        hi = np.where(has, w - 1 - np.argmax(s[:, ::-1], 1), -1)[:, None]      # last scr column in the row
+        med_side = cols > hi if side_is_left else cols < lo                     # toward the midline
+        lat_side = cols < lo if side_is_left else cols > hi
+        in_row = has[:, None]
+        r_has = np.flatnonzero(has)
+        top, bottom = (r_has.min(), r_has.max()) if r_has.size else (h, -1)
+        medial = m & in_row & med_side
+        lateral = m & in_row & lat_side
+        basal = m & ~in_row & (rows > bottom)
+        apical = m & ~in_row & (rows < top) & ~basal
+        for name, part in (("medial", medial), ("lateral", lateral), ("basal", basal), ("apical", apical)):
+            out[name] |= part
+        out["inside"] |= m & ~(medial | lateral | basal | apical)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--split", type=Path, default=Path("docs/results/seg_v2/split.json"))
+    ap.add_argument("--weights", nargs="+", default=["lung_unet_jsrt", "lung_unet_v7b"])
+    ap.add_argument("--part", default="test", choices=("val", "test"))
+    ap.add_argument("--out", type=Path, default=Path("docs/results/scr_miss_where"))
+    args = ap.parse_args(argv)
+    if not args.split.is_file():
+        print(f"{args.split}: no such split file", file=sys.stderr)
+        return 2
+    split = json.loads(args.split.read_text(encoding="utf-8"))
+    try:
+        cases = {"v7": {c.case_id: c for c in discover_v7(split["data"]["v7"])},
+                 "jsrt": {c.case_id: c for c in discover_jsrt(split["data"]["jsrt"])}}
+        loaded = {d: [load_seg_case(cases[d][i]) + (i,) for i in split[d][args.part]] for d in ("v7", "jsrt")}
+    except (DataError, KeyError) as e:  # a missing data folder or split part is reported, not raised
+        print(f"data not found: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    rows, shown = [], []
+    for w in args.weights:
+        seg = LungSegmenter.from_pretrained(w, backend="torch")
+        for domain, items in loaded.items():
+            for img, ref, _, cid in items:
+                if not ref.any():
+                    continue
+                scr = seg.segment([img], "scr")[0].mask_work
+                places = miss_places(ref, scr)
+                n = np.count_nonzero(ref)
+                row = {"weights": w, "domain": domain, "image": cid, "ref_area": int(n),
+                       "covered": np.count_nonzero(ref & scr) / n,
+                       **{f"miss_{p}": np.count_nonzero(places[p]) / n for p in PLACES}}
+                row["ceiling"] = 1 - row["miss_medial"]
+                rows.append(row)
+                if w == args.weights[0] and domain == "v7":
+                    shown.append((1 - row["covered"], cid, img, ref, scr, places))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "scr_miss_where.csv", [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}
+                                               for r in rows])
+    write_text(args.out / "summary.md", _summary(rows, args, time.perf_counter() - t0))
+    _figure(sorted(shown, key=lambda e: -e[0])[:4], args.out / "examples.png")
+    print((args.out / "summary.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _summary(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
+    lines = [f"# Where the `scr` mask misses the reference lung ({args.part} parts of {args.split})", "",
+             f"`python scripts/scr_miss_where.py --weights {' '.join(args.weights)} --part {args.part}` "
+             f"({seconds:.0f} s). Shares of the reference lung area, mean over images (median in brackets); "
+             "V7: whole-lung reference, JSRT: the SCR reference.", "",
+             "| weights | part | n | covered | missed: medial | lateral | basal | apical | inside | 1 − medial: mean (median) | images with 1 − medial ≥ 0.85 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for w in args.weights:
+        for domain in ("v7", "jsrt"):
+            rs = [r for r in rows if r["weights"] == w and r["domain"] == domain]
+            if not rs:
+                continue
+
+            def cell(k: str, rs: list[dict] = rs) -> str:
+                v = np.array([r[k] for r in rs])
+                return f"{v.mean():.1%} ({np.median(v):.1%})"
+            ceil = np.array([r["ceiling"] for r in rs])
+            lines.append(f"| `{w}` | {domain} | {len(rs)} | {cell('covered')} | "
+                         + " | ".join(cell(f"miss_{p}") for p in PLACES)
+                         + f" | {cell('ceiling')} | {int((ceil >= 0.85).sum())} of {len(rs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(examples: list, path: Path) -> None:
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from patchflannel.plots import new_figure, save_figure
+
+    colours = ["#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#e377c2"]
+    fig = new_figure(4 * max(1, len(examples)), 4.6)
+    axes = fig.subplots(1, max(1, len(examples)), squeeze=False)[0]
+    for ax, (miss, cid, img, ref, scr, places) in zip(axes, examples):
+        lab = np.zeros(ref.shape, np.int8)
+        for i, p in enumerate(PLACES, 1):
+            lab[places[p]] = i
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(np.ma.masked_where(lab == 0, lab - 1), cmap=ListedColormap(colours), vmin=0, vmax=len(PLACES) - 1,
+                  alpha=0.55, interpolation="nearest")
+        ax.contour(ref, levels=[0.5], colors=["lime"], linewidths=0.8)
+        ax.contour(scr, levels=[0.5], colors=["white"], linewidths=0.8)
+        ax.set_title(f"{cid}\nV7 lung missed by scr: {miss:.1%}", fontsize=6.5)
+        ax.axis("off")
+    handles = [Patch(color=c, label=p) for c, p in zip(colours, PLACES)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(PLACES), fontsize=8, frameon=False)
+    fig.suptitle("V7 test: the lung the scr mask (white) misses of the V7 reference (green), by place", fontsize=9)
+    save_figure(fig, path, dpi=80)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

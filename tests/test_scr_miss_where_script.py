@@ -1,0 +1,43 @@
+"""scripts/scr_miss_where.py puts every reference pixel the scr mask misses in exactly one place."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "scr_miss_where.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("scr_miss_where", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_places_partition_the_miss_and_sit_where_drawn() -> None:
+    mod = _module()
+    ref = np.zeros((100, 100), bool)
+    ref[20:80, 10:45] = True          # image-left lung
+    ref[20:80, 55:90] = True          # image-right lung
+    scr = np.zeros_like(ref)
+    scr[30:70, 15:38] = True          # left: misses 5 lateral, 7 medial columns, 10 rows above and below
+    scr[30:70, 60:85] = True
+    scr[50, 20] = False               # a hole inside the left scr lung: "inside" (it is also missed)
+    ref[50, 20] = True
+    p = mod.miss_places(ref, scr)
+    assert mod.midline(ref) == 49.5
+    stacked = np.stack([p[k] for k in mod.PLACES])
+    assert (stacked.sum(0) <= 1).all()                               # no pixel in two places
+    np.testing.assert_array_equal(stacked.any(0), ref & ~scr)        # every missed pixel in one
+    assert p["medial"][40, 40] and p["medial"][40, 57]               # toward the midline, both sides
+    assert p["lateral"][40, 12] and p["lateral"][40, 88]             # chest-wall side, both sides
+    assert p["apical"][22, 20] and p["basal"][75, 20] and p["basal"][75, 70]
+    assert p["inside"][50, 20] and p["inside"].sum() == 1
+    assert p["medial"][30:70, 38:45].all() and p["medial"].sum() == 40 * 7 + 40 * 5
+    # a mask that misses nothing: all places empty
+    q = mod.miss_places(ref, ref)
+    assert not any(v.any() for v in q.values())
