@@ -1372,9 +1372,13 @@ def load_flannel(path: str | os.PathLike[str], device: str | torch.device = "cpu
 # --------------------------------------------------------------------------- shipping
 
 
-def _measured_figures(src: Path) -> dict[str, str]:
+def _measured_figures(src: Path, members: str = "folds") -> dict[str, str]:
     """One-line summaries of what ``ensemble`` measured for the exported FLANNEL (read from its
-    ``results.json`` / ``all_images.json``), for the classifier's config and model card."""
+    ``results.json`` / ``all_images.json``), for the classifier's config and model card.
+
+    ``ensemble`` scores the test part with the mean of the fold models: for ``members="refit"``
+    those test lines do not describe the exported models and are replaced by a pointer to how
+    to measure them; the out-of-fold line (fold models by construction) is labelled as such."""
     import json
 
     def ci(m: Mapping[str, Any]) -> str:
@@ -1411,7 +1415,14 @@ def _measured_figures(src: Path) -> dict[str, str]:
                 text.append(f"held-out train-only images called normal {e['predicted'].get('normal', 0)}/{e['n']}")
             out[f"All {res['all_images']['n_images']} labelled images out of fold"] = "; ".join(text) + " (all_images.md)"
     except (OSError, ValueError, KeyError, TypeError):
-        return out  # an older ensemble folder: export without the summary
+        pass  # an older ensemble folder: export without the summary
+    if members == "refit":
+        for key in [k for k in out if k.startswith("Held-out test part") or k == "Calibration (test)"]:
+            del out[key]
+        for key in [k for k in out if k.endswith("out of fold")]:
+            out[key] += "; scored by the fold models (a refit model has no out-of-fold images)"
+        out["Held-out test part, refit members"] = ("not scored by `ensemble` (its test figures are the fold models'); "
+                                                    "measure the exported folder with `predict` + `evaluate`")
     return out
 
 
@@ -1496,7 +1507,7 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
                            "members": members,
                            "combiner": {key: ccfg.get(key) for key in ("gamma", "alpha", "seed", "best_epoch",
                                                                         "val_macro_f1", "test_macro_f1", "training_data")}}}
-    measured = _measured_figures(src)
+    measured = _measured_figures(src, members)
     if measured:
         config["training"]["results"] = measured
     calib = Calibrator.from_dict(None)

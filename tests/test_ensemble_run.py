@@ -550,6 +550,31 @@ def test_export_half_and_segmenter_object(ran: tuple[list[Path], Path, dict[str,
             assert torch.equal(v, value.half().float()), key
 
 
+def test_export_refit_members_and_their_card_lines(ran: tuple[list[Path], Path, dict[str, Any]],
+                                                   tmp_path: Path) -> None:
+    """members=refit ships each learner's one refit model, and the config does not present the fold
+    models' test figures (what `ensemble` measured) as the exported classifier's."""
+    runs, out, _ = ran
+    made = []
+    try:
+        for run in runs:
+            for learner in [d for d in run.iterdir() if (d / "fold0" / "best").is_dir()]:
+                shutil.copytree(learner / "fold0" / "best", learner / "refit" / "best")  # stands in for a refit model
+                made.append(learner / "refit")
+        dest = export_classifier(out, tmp_path / "clf", members="refit")
+    finally:
+        for d in made:
+            shutil.rmtree(d)
+    cfg = json.loads((dest / "config.json").read_text())
+    assert cfg["training"]["members"] == "refit"
+    assert set(cfg["members"]) == set(cfg["learners"]) and all(m == ["refit"] for m in cfg["members"].values())
+    results = cfg["training"].get("results", {})
+    assert not any(k.endswith("as shipped") for k in results) and "Calibration (test)" not in results
+    assert "predict" in results["Held-out test part, refit members"]
+    folds = json.loads((export_classifier(out, tmp_path / "clf_folds") / "config.json").read_text())
+    assert any(k.endswith("as shipped") for k in folds["training"]["results"])
+
+
 def test_export_refuses_unsafe_or_missing_members(ran: tuple[list[Path], Path, dict[str, Any]],
                                                   tmp_path: Path) -> None:
     _, out, _ = ran
