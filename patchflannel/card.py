@@ -87,11 +87,17 @@ def segmenter_section(name: str, cfg: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _members(names: list[str]) -> str:
+    if list(names) == ["refit"]:
+        return "1 model refit on every non-test image"
+    return f"{len(names)} members" if len(names) != 1 else "1 member"
+
+
 def classifier_section(name: str, cfg: dict[str, Any]) -> str:
     tr = cfg.get("training") or {}
     seg = cfg.get("segmenter") or {}
     lines = [f"## `{name}/` — patch learners + FLANNEL", "",
-             "- Learners: " + ", ".join(f"`{n}` ({len(cfg['members'][n])} members"
+             "- Learners: " + ", ".join(f"`{n}` ({_members(cfg['members'][n])}"
                                         f"{', whole image' if n.startswith('global-') else ''})" for n in cfg["learners"]) + "; "
              f"distribution `{cfg.get('distribution')}`, K = {(cfg.get('defaults') or {}).get('k')} crops per image.",
              f"- Combiner: `{cfg.get('combiner')}`; calibration: `{(cfg.get('calibration') or {}).get('kind', 'none')}`.",

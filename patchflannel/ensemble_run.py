@@ -1481,6 +1481,11 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
             raise DataError(f"learner {name} of {src / 'flannel'} is not in the runs {cfg['runs']}")
         run_cfg = yaml.safe_load((folder.parent / "config.yaml").read_text(encoding="utf-8")) or {}
         if members == "refit":
+            with np.load(folder / "test.npz", allow_pickle=False) as z:
+                if "soft_refit" not in z.files:
+                    # a refit/ folder without refit votes is not a finished refit of this run
+                    raise DataError(f"{folder}: no finished refit model (test.npz has no refit votes; train-patch with "
+                                    "train.refit=true writes them)")
             dirs = [("refit", folder / "refit" / "best")]
         else:
             with np.load(folder / "test.npz", allow_pickle=False) as z:
@@ -1505,8 +1510,10 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
               "defaults": {"k": int(k) if isinstance(k, int) else 100},
               "training": {"ensemble_dir": _shown_path(src), "runs": [_shown_path(r) for r in cfg["runs"]],
                            "members": members,
-                           "combiner": {key: ccfg.get(key) for key in ("gamma", "alpha", "seed", "best_epoch",
-                                                                        "val_macro_f1", "test_macro_f1", "training_data")}}}
+                           "combiner": {key: ccfg.get(key) for key in ("gamma", "alpha", "seed", "best_epoch", "val_macro_f1",
+                                                                        # test_macro_f1: scored with the fold models
+                                                                        *(("test_macro_f1",) if members == "folds" else ()),
+                                                                        "training_data")}}}
     measured = _measured_figures(src, members)
     if measured:
         config["training"]["results"] = measured

@@ -544,6 +544,10 @@ def train_patch_run(cfg: PatchTrainConfig, data: CxrData, run_dir: str | os.Path
         if (old.get("split") or {}).get("run_folds") is None and cfg.split.run_folds is not None:
             # a screen may be completed to every fold, but a full run must not be cut down to a screen
             changes.append(f"split.run_folds: None → {cfg.split.run_folds}")
+        if (old.get("train") or {}).get("refit") and not cfg.train.refit:
+            # switching the refit on adds a model; switching it off would leave RUN/<learner>/refit/ behind,
+            # no longer kept in step with the folds, for export-ensemble --members refit to ship
+            changes.append("train.refit: True → False")
         if changes:
             raise ResumeError(f"{run_dir} holds a run with another config ({'; '.join(changes[:6])}); use another "
                               "--run-dir or pass --restart")

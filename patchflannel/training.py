@@ -59,7 +59,8 @@ RESUMABLE_KEYS = frozenset({"train.epochs", "train.patience", "split.run_folds"}
 _RESUMABLE = RESUMABLE_KEYS | {f"config.{k}" for k in RESUMABLE_KEYS}
 # Switching these never changes what a run has trained (train.refit only adds a model after the folds), so a
 # finished run may be resumed with them changed; unlike RESUMABLE_KEYS they stay in the hash (the hash of every
-# existing checkpoint is unchanged, and what is keyed by it, e.g. cached votes, is redone once).
+# existing checkpoint is unchanged, and what is keyed by it, e.g. cached votes, is redone once). train-patch
+# accepts train.refit false → true only (true → false would leave a refit model behind, out of step).
 SWITCHABLE_KEYS = frozenset({"train.refit"})
 _SWITCHABLE = SWITCHABLE_KEYS | {f"config.{k}" for k in SWITCHABLE_KEYS}
 # Checkpoints of v0.3 train-patch folds also hashed a top-level "epochs" (their train.epochs).

@@ -27,6 +27,8 @@ METRICS = ("macro_f1", "accuracy", "covid_auc", "ece")
 def _aligned(csv_path: Path, labels: Path) -> tuple[EvalData, list[str]]:
     d, meta, _ = load_evaluation(csv_path, labels)
     ids = list(meta["image_id"])
+    if "" in ids or len(set(ids)) != len(ids):
+        raise DataError(f"{csv_path}: every scored image needs its own image_id in {labels} to be paired")
     order = np.argsort(np.array(ids, dtype=object), kind="stable")
     return EvalData(d.y[order], d.probs[order], d.classes, d.pred[order], d.clusters[order]), [ids[i] for i in order]
 
@@ -44,7 +46,7 @@ def compare(a_csv: Path, b_csv: Path, labels: Path, resamples: int = 2000, seed:
     gaps = {}
     for name, d in (("a", a), ("b", b)):
         conf = d.probs.max(1)
-        acc = float((d.probs.argmax(1) == d.y).mean())
+        acc = float((d.pred == d.y).mean())
         gaps[name] = {"mean_confidence": float(conf.mean()), "accuracy": acc, "gap": float(conf.mean() - acc)}
     return {"n": a.n, "patients": int(len(np.unique(a.clusters))), "metrics": diffs, "calibration": gaps}
 
@@ -64,11 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot compare: {e}", file=sys.stderr)
         return 2
     na, nb = args.names
-    lines = [f"# {na} vs {nb}: the same {res['n']} images ({res['patients']} patients), paired", "",
+    lines = [f"# {na} vs {nb}: the same {res['n']} images ({res['patients']} clusters: patients, or images without "
+             "patient_id), paired", "",
              f"`python scripts/compare_predictions.py {args.a} {args.b} --labels {args.labels} --names {na} {nb}`", "",
-             f"| metric | {na} | {nb} | {na} − {nb} [95 % CI, paired over patients] |", "|---|---:|---:|---|"]
+             f"| metric | {na} | {nb} | {na} − {nb} [95 % CI, paired over patients] | p (no difference) |",
+             "|---|---:|---:|---|---:|"]
     for m, d in res["metrics"].items():
-        lines.append(f"| {m} | {d['a']:.3f} | {d['b']:.3f} | {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] |")
+        lines.append(f"| {m} | {d['a']:.4f} | {d['b']:.4f} | {d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] "
+                     f"| {d['p']:.3f} |")
     lines += ["", "| | mean top-class probability | accuracy | gap (confidence − accuracy) |", "|---|---:|---:|---:|"]
     for key, name in (("a", na), ("b", nb)):
         g = res["calibration"][key]

@@ -58,4 +58,4 @@ def test_pairs_by_image_and_reports_the_gap(tmp_path: Path) -> None:
     out = tmp_path / "paired.md"
     assert mod.main([str(c), str(a), "--labels", str(labels), "--names", "bad", "good", "--out", str(out),
                      "--resamples", "100"]) == 0
-    assert "| accuracy | 0.000 | 1.000 | -1.000" in out.read_text() and out.with_suffix(".json").is_file()
+    assert "| accuracy | 0.0000 | 1.0000 | -1.0000" in out.read_text() and out.with_suffix(".json").is_file()

@@ -555,22 +555,33 @@ def test_export_refit_members_and_their_card_lines(ran: tuple[list[Path], Path, 
     """members=refit ships each learner's one refit model, and the config does not present the fold
     models' test figures (what `ensemble` measured) as the exported classifier's."""
     runs, out, _ = ran
-    made = []
+    learners = [d for run in runs for d in run.iterdir() if (d / "fold0" / "best").is_dir()]
+    saved = {d: (d / "test.npz").read_bytes() for d in learners}
     try:
-        for run in runs:
-            for learner in [d for d in run.iterdir() if (d / "fold0" / "best").is_dir()]:
-                shutil.copytree(learner / "fold0" / "best", learner / "refit" / "best")  # stands in for a refit model
-                made.append(learner / "refit")
+        for learner in learners:
+            shutil.copytree(learner / "fold0" / "best", learner / "refit" / "best")  # stands in for a refit model
+        # refit/ without refit votes in test.npz is not a finished refit: refused
+        with pytest.raises(DataError, match="no finished refit model"):
+            export_classifier(out, tmp_path / "unfinished", members="refit")
+        for learner in learners:
+            with np.load(learner / "test.npz") as z:
+                votes = {k: z[k] for k in z.files}
+            np.savez(learner / "test.npz", **votes, soft_refit=votes["soft"][:, 0])
         dest = export_classifier(out, tmp_path / "clf", members="refit")
     finally:
-        for d in made:
-            shutil.rmtree(d)
+        for learner, raw in saved.items():
+            shutil.rmtree(learner / "refit", ignore_errors=True)
+            (learner / "test.npz").write_bytes(raw)
     cfg = json.loads((dest / "config.json").read_text())
     assert cfg["training"]["members"] == "refit"
     assert set(cfg["members"]) == set(cfg["learners"]) and all(m == ["refit"] for m in cfg["members"].values())
     results = cfg["training"].get("results", {})
     assert not any(k.endswith("as shipped") for k in results) and "Calibration (test)" not in results
     assert "predict" in results["Held-out test part, refit members"]
+    assert "test_macro_f1" not in cfg["training"]["combiner"]
+    from patchflannel.card import classifier_section
+
+    assert "1 model refit on every non-test image" in classifier_section("clf", cfg)
     folds = json.loads((export_classifier(out, tmp_path / "clf_folds") / "config.json").read_text())
     assert any(k.endswith("as shipped") for k in folds["training"]["results"])
 

@@ -436,6 +436,9 @@ def test_refit_switched_on_for_a_finished_fold_run_adds_the_refit_model_only(tin
     other = with_refit.model_copy(update={"train": with_refit.train.model_copy(update={"lr": 0.5})})
     with pytest.raises(ResumeError, match="another config"):
         train_patch_run(other, data, run)
+    # switching it off again would leave refit/ behind, out of step with the folds: refused
+    with pytest.raises(ResumeError, match="train.refit: True → False"):
+        train_patch_run(cfg, data, run)
 
 
 @pytest.mark.data

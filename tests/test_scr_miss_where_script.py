@@ -38,6 +38,15 @@ def test_places_partition_the_miss_and_sit_where_drawn() -> None:
     assert p["apical"][22, 20] and p["basal"][75, 20] and p["basal"][75, 70]
     assert p["inside"][50, 20] and p["inside"].sum() == 1
     assert p["medial"][30:70, 38:45].all() and p["medial"].sum() == 40 * 7 + 40 * 5
+    # a speck below the lung does not stretch its extent; a side without any scr lung is its own place
+    specked = scr.copy()
+    specked[95, 20] = True
+    ps = mod.miss_places(ref, specked)
+    assert ps["basal"][75, 20] and ps["basal"].sum() == p["basal"].sum()
+    one_side = scr.copy()
+    one_side[:, 50:] = False
+    po = mod.miss_places(ref, one_side)
+    assert po["no_mask_side"].sum() == ref[:, 50:].sum() and not po["basal"][:, 50:].any()
     # a mask that misses nothing: all places empty
     q = mod.miss_places(ref, ref)
     assert not any(v.any() for v in q.values())
