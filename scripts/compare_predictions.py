@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from patchflannel._files import write_json, write_text
+from patchflannel.calibrate import brier_score, ece_noise_floor, expected_calibration_error
 from patchflannel.errors import DataError
 from patchflannel.stats import EvalData, load_evaluation, paired_bootstrap, point_metrics
 
 METRICS = ("macro_f1", "accuracy", "covid_auc", "ece")
+QUANTILES = ("min", "10%", "25%", "median", "75%", "90%", "max")
+QUANTILE_VALUES = (0, 0.1, 0.25, 0.5, 0.75, 0.9, 1)
 
 
 def _aligned(csv_path: Path, labels: Path) -> tuple[EvalData, list[str]]:
@@ -47,7 +50,12 @@ def compare(a_csv: Path, b_csv: Path, labels: Path, resamples: int = 2000, seed:
     for name, d in (("a", a), ("b", b)):
         conf = d.probs.max(1)
         acc = float((d.pred == d.y).mean())
-        gaps[name] = {"mean_confidence": float(conf.mean()), "accuracy": acc, "gap": float(conf.mean() - acc)}
+        ece = expected_calibration_error(d.probs, d.y)
+        gaps[name] = {"mean_confidence": float(conf.mean()), "accuracy": acc, "gap": float(conf.mean() - acc),
+                      "brier": brier_score(d.probs, d.y),
+                      "top_probability_quantiles": dict(zip(QUANTILES, np.quantile(conf, QUANTILE_VALUES).tolist())),
+                      # the ECE a perfectly calibrated model with these confidences shows on this many images
+                      "ece_if_perfectly_calibrated": ece_noise_floor(d.probs, seed=seed, observed=ece)}
     return {"n": a.n, "patients": int(len(np.unique(a.clusters))), "metrics": diffs, "calibration": gaps}
 
 
@@ -74,10 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     for m, d in res["metrics"].items():
         lines.append(f"| {m} | {d['a']:.4f} | {d['b']:.4f} | {d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] "
                      f"| {d['p']:.3f} |")
-    lines += ["", "| | mean top-class probability | accuracy | gap (confidence − accuracy) |", "|---|---:|---:|---:|"]
+    lines += ["", "| | mean top-class probability | accuracy | gap (confidence − accuracy) | Brier | ECE of a perfectly "
+              "calibrated model with these confidences: median [95 % range]; share of draws ≥ the observed ECE | "
+              "top-class probability: " + " / ".join(QUANTILES) + " |", "|---|---:|---:|---:|---:|---|---|"]
     for key, name in (("a", na), ("b", nb)):
         g = res["calibration"][key]
-        lines.append(f"| {name} | {g['mean_confidence']:.3f} | {g['accuracy']:.3f} | {g['gap']:+.3f} |")
+        fl = g["ece_if_perfectly_calibrated"]
+        lines.append(f"| {name} | {g['mean_confidence']:.3f} | {g['accuracy']:.3f} | {g['gap']:+.3f} | {g['brier']:.3f} | "
+                     f"{fl['median']:.3f} [{fl['low']:.3f}, {fl['high']:.3f}]; {fl['p_observed_or_more']:.3f} | "
+                     + " / ".join(f"{v:.2f}" for v in g["top_probability_quantiles"].values()) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, "\n".join(lines) + "\n")
     write_json(args.out.with_suffix(".json"), {"a": str(args.a), "b": str(args.b), "names": [na, nb], **res})
