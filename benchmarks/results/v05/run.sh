@@ -23,3 +23,5 @@ for r in 1 2; do
   python benchmarks/bench_predict.py --weights ensemble --images 8 --batch-sizes 1 --repeats 2 --warmup 1 --threads 2 --no-split --out-dir $OUT/exact_v05_round$r
 done
 cat $OUT/predict_times.csv
+# the fast path step by step with v0.5 (run after the above, same session)
+python benchmarks/bench_fast_predict.py --images 8 --repeats 2 --warmup 1 --threads 2 --out-dir $OUT/fast_v05
