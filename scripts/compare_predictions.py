@@ -5,7 +5,8 @@
 
 For each of macro-F1, accuracy, the COVID AUC and ECE (15 bins, top label): A, B and A − B with a
 paired 95 % bootstrap interval over patients (both scored on the same resamples), and each set's
-mean top-class probability against its accuracy (the calibration gap). Both files must predict the
+mean top-class probability against its accuracy (the calibration gap), with a paired interval for the
+difference of the absolute gaps. Both files must predict the
 same labelled images.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 from patchflannel._files import write_json, write_text
 from patchflannel.calibrate import brier_score, ece_noise_floor, expected_calibration_error
 from patchflannel.errors import DataError
-from patchflannel.stats import EvalData, load_evaluation, paired_bootstrap, point_metrics
+from patchflannel.stats import EvalData, cluster_weights, load_evaluation, paired_bootstrap, point_metrics
 
 METRICS = ("macro_f1", "accuracy", "covid_auc", "ece")
 QUANTILES = ("min", "10%", "25%", "median", "75%", "90%", "max")
@@ -56,6 +57,16 @@ def compare(a_csv: Path, b_csv: Path, labels: Path, resamples: int = 2000, seed:
                       "top_probability_quantiles": dict(zip(QUANTILES, np.quantile(conf, QUANTILE_VALUES).tolist())),
                       # the ECE a perfectly calibrated model with these confidences shows on this many images
                       "ece_if_perfectly_calibrated": ece_noise_floor(d.probs, seed=seed, observed=ece)}
+    # |confidence − accuracy| of A minus that of B, on the same patient resamples
+    rng = np.random.default_rng(seed)
+    w = cluster_weights(a.clusters, resamples, rng)
+
+    def abs_gap(d: EvalData) -> np.ndarray:
+        return np.abs(w @ (d.probs.max(1) - (d.pred == d.y)) / w.sum(1))
+    dv = abs_gap(a) - abs_gap(b)
+    point = abs(gaps["a"]["gap"]) - abs(gaps["b"]["gap"])
+    gaps["abs_gap_diff"] = {"diff": point, "ci_low": float(np.quantile(dv, 0.025)), "ci_high": float(np.quantile(dv, 0.975)),
+                            "n_resamples": resamples}
     return {"n": a.n, "patients": int(len(np.unique(a.clusters))), "metrics": diffs, "calibration": gaps}
 
 
@@ -91,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {g['mean_confidence']:.3f} | {g['accuracy']:.3f} | {g['gap']:+.3f} | {g['brier']:.3f} | "
                      f"{fl['median']:.3f} [{fl['low']:.3f}, {fl['high']:.3f}]; {fl['p_observed_or_more']:.3f} | "
                      + " / ".join(f"{v:.2f}" for v in g["top_probability_quantiles"].values()) + " |")
+    gd = res["calibration"]["abs_gap_diff"]
+    lines += ["", f"|gap| of {na} − |gap| of {nb}: {gd['diff']:+.3f} [{gd['ci_low']:+.3f}, {gd['ci_high']:+.3f}] "
+              "(95 % CI, the same patient resamples for both)"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, "\n".join(lines) + "\n")
     write_json(args.out.with_suffix(".json"), {"a": str(args.a), "b": str(args.b), "names": [na, nb], **res})

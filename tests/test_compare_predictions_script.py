@@ -52,6 +52,8 @@ def test_pairs_by_image_and_reports_the_gap(tmp_path: Path) -> None:
     assert worse["metrics"]["accuracy"]["diff"] == -1 and worse["metrics"]["accuracy"]["ci_high"] == -1
     assert worse["calibration"]["b"]["gap"] == pytest.approx(0.775 - 1.0, abs=1e-3)
     assert worse["calibration"]["a"]["accuracy"] == 0 and worse["patients"] == 20
+    gd = worse["calibration"]["abs_gap_diff"]   # |0.775 − 0| − |0.775 − 1|: no spread (every image alike)
+    assert gd["diff"] == pytest.approx(0.775 - 0.225, abs=1e-3) and gd["ci_low"] == pytest.approx(gd["diff"], abs=1e-6)
     short = _write(tmp_path / "short.csv", [(f"im{i}", good[i]) for i in range(n - 1)])
     with pytest.raises(mod.DataError, match="same labelled images"):
         mod.compare(a, short, labels, resamples=50)
