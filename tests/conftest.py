@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -66,6 +69,18 @@ def v7_dir(shared_data: Path) -> Path:
     if not (p / "metadata.csv").is_file():
         pytest.skip(f"V7 data not found at {p}")
     return p
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a script file (scripts/, benchmarks/: folders, not packages) once per session."""
+    name = f"_script_{path.parent.name}_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def shipped_classifier() -> dict:

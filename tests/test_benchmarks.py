@@ -11,9 +11,7 @@ a subprocess (what a user runs).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -22,7 +20,7 @@ import pytest
 import torch
 
 from patchflannel.backend import onnx_available
-from conftest import shipped_classifier, shipped_patch_member
+from conftest import load_script, shipped_classifier, shipped_patch_member
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
@@ -32,15 +30,7 @@ SEG = "lung_unet_jsrt"  # the legacy shipped U-Net; weights/lung_unet may not ex
 
 def _load(name: str) -> ModuleType:
     """Import benchmarks/<name>.py (a script folder, not a package)."""
-    module_name = f"_bench_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, BENCH_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH_DIR / f"{name}.py")
 
 
 @pytest.fixture(scope="module")

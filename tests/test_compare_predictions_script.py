@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_predictions.py"
 CLASSES = ("normal", "bacteria", "virus", "covid")
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("compare_predictions", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 def _write(path: Path, rows: list[tuple[str, np.ndarray]]) -> Path:

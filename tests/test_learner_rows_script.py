@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "learner_rows.py"
 CLASSES = ("normal", "bacteria", "virus", "covid")
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("learner_rows", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 def test_soft_voting_is_the_mean_of_the_learners(tmp_path: Path) -> None:
