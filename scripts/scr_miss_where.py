@@ -37,31 +37,30 @@ import numpy as np
 from patchflannel._files import write_csv, write_text
 from patchflannel.data import discover_jsrt, discover_v7, load_seg_case
 from patchflannel.errors import DataError
-from patchflannel.segment import LungSegmenter
+from patchflannel.segment import LungSegmenter, _components
 
 PLACES = ("medial", "lateral", "basal", "apical", "inside", "no_mask_side")
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component (a stray speck must not stretch a lung's extent)."""
-    import cv2
+def _components_by_area(mask: np.ndarray) -> tuple[np.ndarray, list]:
+    """8-connected components (`segment`'s own labelling), largest first."""
+    labels, comps = _components(mask)
+    return labels, sorted(comps, key=lambda c: -c.area)
 
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if n <= 2:
-        return mask
-    return lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    """The largest component (a stray speck must not stretch a lung's extent)."""
+    labels, comps = _components_by_area(mask)
+    return labels == comps[0].label if len(comps) > 1 else mask
 
 
 def midline(ref: np.ndarray) -> float:
     """Column halfway between the centroids of the reference's two largest components (image centre
     if it has fewer than two)."""
-    import cv2
-
-    n, lab, stats, cent = cv2.connectedComponentsWithStats(ref.astype(np.uint8), connectivity=8)
-    if n < 3:
+    _, comps = _components_by_area(ref)
+    if len(comps) < 2:
         return (ref.shape[1] - 1) / 2
-    big = np.argsort(stats[1:, cv2.CC_STAT_AREA])[::-1][:2] + 1
-    return float(cent[big, 0].mean())
+    return float(np.mean([c.cx for c in comps[:2]]) * ref.shape[1])
 
 
 def miss_places(ref: np.ndarray, scr: np.ndarray, mid: float | None = None) -> dict[str, np.ndarray]:
