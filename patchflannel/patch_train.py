@@ -439,31 +439,8 @@ def run_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrain
         reports.append(classification_report_dict(data.labels[test_idx], ts, list(CLASSES), positive="covid"))
     refit: dict[str, Any] = {}
     if cfg.train.refit and cfg.split.run_folds is None:
-        epochs = int(np.median(best_epochs))
-        train_all = [i for fi in folds for i in fi] + split["train_only_idx"]
-        refit_args = (name, data, train_all, None, cfg, ldir / "refit", dist, precision)
-        try:
-            model, info = train_model(*refit_args, epochs=epochs, seed=cfg.seed + 7, track=track, restart=restart,
-                                      label=f"{name} refit")
-        except ConfigChangedError as exc:
-            # The folds were trained longer and their median best epoch moved: the refit (derived, never resumed by
-            # hand) is redone. Any other change is the user's and is refused as for the folds.
-            if not exc.changes or any(not c.startswith("refit_epochs:") for c in exc.changes):
-                raise
-            log.warning("%s refit: the folds' median best epoch is now %d (%s); retraining the refit model",
-                        name, epochs, exc.changes[0])
-            model, info = train_model(*refit_args, epochs=epochs, seed=cfg.seed + 7, track=track, restart=True,
-                                      label=f"{name} refit")
-        key = f"{info['hash']}|best={info['weights']}|k={cfg.k}|{split['fingerprint']}"
-        cached = _read_votes(ldir / "refit" / "votes.npz", key)
-        if cached is None:
-            rs, rh = votes(model, data, test_idx + ext_idx, cfg.k, cfg.seed, dist, track=track, what=f"{name} refit test votes")
-            if dist.is_main:
-                write_npz(ldir / "refit" / "votes.npz", key=np.array(key), test_soft=rs, test_hard=rh)
-        else:
-            rs, rh = cached[2], cached[3]
-        refit = {"soft_refit": rs[:len(test_idx)], "hard_refit": rh[:len(test_idx)], "epochs": epochs,
-                 "ext_refit": rs[len(test_idx):]}
+        refit = refit_learner(name, data, split, cfg, ldir / "refit", dist, int(np.median(best_epochs)), cfg.seed + 7,
+                              precision, restart, track)
     if not dist.is_main:
         return {}
     oof_idx = [i for f in run_folds for i in folds[f]]
@@ -500,6 +477,41 @@ def run_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrain
     except Exception as exc:  # noqa: BLE001 — a plot must never lose the numbers above
         log.warning("confusion plot for %s failed: %s", name, exc)
     return metrics
+
+
+def refit_learner(name: str, data: CxrData, split: dict[str, Any], cfg: PatchTrainConfig, out_dir: Path, dist: Dist,
+                  epochs: int, seed: int, precision: str = "fp32", restart: bool = False,
+                  track: Track = no_track) -> dict[str, Any]:
+    """Train ``name`` on every non-test image (the folds + the train-only sources) for ``epochs`` epochs into
+    ``out_dir`` and vote on the test and external images (cached in ``out_dir/votes.npz``). Returns
+    ``soft_refit``/``hard_refit`` (test part), ``ext_refit`` and ``epochs``. ``train-patch`` calls it with
+    ``seed + 7``; ``scripts/refit_repeat.py`` with other seeds, for the spread of what ships."""
+    test_idx: list[int] = split["test_idx"]
+    ext_idx: list[int] = split["external_idx"]
+    train_all = [i for fi in split["folds_idx"] for i in fi] + split["train_only_idx"]
+    refit_args = (name, data, train_all, None, cfg, out_dir, dist, precision)
+    try:
+        model, info = train_model(*refit_args, epochs=epochs, seed=seed, track=track, restart=restart,
+                                  label=f"{name} refit")
+    except ConfigChangedError as exc:
+        # The folds were trained longer and their median best epoch moved: the refit (derived, never resumed by
+        # hand) is redone. Any other change is the user's and is refused as for the folds.
+        if not exc.changes or any(not c.startswith("refit_epochs:") for c in exc.changes):
+            raise
+        log.warning("%s refit: the folds' median best epoch is now %d (%s); retraining the refit model",
+                    name, epochs, exc.changes[0])
+        model, info = train_model(*refit_args, epochs=epochs, seed=seed, track=track, restart=True,
+                                  label=f"{name} refit")
+    key = f"{info['hash']}|best={info['weights']}|k={cfg.k}|{split['fingerprint']}"
+    cached = _read_votes(out_dir / "votes.npz", key)
+    if cached is None:
+        rs, rh = votes(model, data, test_idx + ext_idx, cfg.k, cfg.seed, dist, track=track, what=f"{name} refit test votes")
+        if dist.is_main:
+            write_npz(out_dir / "votes.npz", key=np.array(key), test_soft=rs, test_hard=rh)
+    else:
+        rs, rh = cached[2], cached[3]
+    return {"soft_refit": rs[:len(test_idx)], "hard_refit": rh[:len(test_idx)], "epochs": epochs,
+            "ext_refit": rs[len(test_idx):]}
 
 
 def _read_votes(path: Path, key: str) -> tuple[np.ndarray, ...] | None:
