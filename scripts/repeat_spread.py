@@ -41,7 +41,8 @@ def score(test_csv: Path, external_csv: Path, labels: Path) -> tuple[dict[str, f
     pos = (d.y == covid) & adult
     neg = (d.y != covid) & adult
     res = {"macro_f1": pm["macro_f1"], "accuracy": pm["accuracy"], "covid_auc": pm["covid_auc"],
-           "ece": expected_calibration_error(d.probs, d.y), "gap": float(conf.mean() - (d.pred == d.y).mean()),
+           "ece": expected_calibration_error(d.probs, d.y),
+           "gap": float(conf.mean() - (d.probs.argmax(1) == d.y).mean()),  # as the ECE: the top label
            "brier": brier_score(d.probs, d.y), "median_top": float(np.median(conf)),
            "adult_auc": float(weighted_auc(pos[None].astype(float), neg[None].astype(float), d.probs[:, covid])[0]),
            "adult_called_covid": float(((d.pred == covid) & neg).sum())}
@@ -51,7 +52,7 @@ def score(test_csv: Path, external_csv: Path, labels: Path) -> tuple[dict[str, f
         raise DataError(f"{external_csv}: no predicted image (status ok)")
     res["external_normal"] = float(sum(r["label"] == "normal" for r in ext))
     counts = {"adult_non_covid": int(neg.sum()), "external": len(ext)}
-    return res, counts, sorted(meta["image_id"])
+    return res, counts, sorted(meta["image_id"]) + sorted("external:" + (r.get("file") or r["name"]) for r in ext)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="markdown file (a .json is written beside it)")
     args = ap.parse_args(argv)
     runs, counts, ids0 = {}, None, None
+    if len({n for n, _, _ in args.run}) != len(args.run):
+        print("every --run needs its own NAME", file=sys.stderr)
+        return 2
     for name, test_csv, ext_csv in args.run:
         try:
             runs[name], c, ids = score(Path(test_csv), Path(ext_csv), args.labels)
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         counts, ids0 = c, ids
     names = list(runs)
     head = "| | " + " | ".join(names) + " | mean ± std | range |"
-    lines = [f"# Spread over {len(names)} repeats ({len(ids0)} test images; {counts['adult_non_covid']} adult non-COVID; "
+    n_test = sum(not i.startswith("external:") for i in ids0)
+    lines = [f"# Spread over {len(names)} repeats ({n_test} test images; {counts['adult_non_covid']} adult non-COVID; "
              f"{counts['external']} external adult normals)", "",
              "`python scripts/repeat_spread.py --labels " + str(args.labels) + " --out " + str(args.out) + " "
              + " ".join(f"--run {n} {t} {e}" for n, t, e in args.run) + "`", "", head,
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{sd:.{max(dig, 1)}f} | {f(v.min())} – {f(v.max())} |")
     write_text(args.out, "\n".join(lines) + "\n")
     write_json(args.out.with_suffix(".json"), {"runs": {n: {"test": t, "external": e} for n, t, e in args.run},
-                                               "counts": counts, "n_test": len(ids0), "metrics": summary})
+                                               "counts": counts, "n_test": n_test, "metrics": summary})
     print("\n".join(lines))
     return 0
 

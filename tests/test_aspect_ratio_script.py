@@ -35,6 +35,6 @@ def test_table_and_aucs(tmp_path: Path) -> None:
     assert float(table[("JSRT (adult, train-only normals)", "normal")]["median"]) == 2.0
     assert float(table[("ieee8023/covid-chestxray-dataset (adult)", "covid")]["median"]) == 1.25
     text = (out / "summary.md").read_text()
-    assert "within the adults of the 965: 1.000" in text  # both COVID images are wider than the normal one
+    assert "within the adults of the 5 labelled images: 1.000" in text  # both COVID images are wider than the normal one
     assert "within the pediatric images: 1.000" in text
     assert mod.main(["--cxr", str(tmp_path / "nowhere"), "--out", str(out)]) == 2

@@ -1,8 +1,26 @@
 #!/bin/bash
-# Score the refit repeats as a user runs the classifier (after runs/repeat/run.sh finished); from the project folder.
+# Score the refit repeats as a user runs the classifier, once docs/results/refit_repeat/run.sh has finished.
 set -euo pipefail
+cd "$(dirname "$0")/../../.." && . .venv/bin/activate
+check_same_combiner() {  # PLAN.md: the rerun ensemble must be v0.5's (same out-of-fold votes), else not scored
+  python - "$1" <<'PY'
+import json, sys
+from safetensors.numpy import load_file
+new, ref = sys.argv[1], "runs/refit/ens"
+a, b = load_file(f"{new}/flannel/model.safetensors"), load_file(f"{ref}/flannel/model.safetensors")
+same = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+t_new, t_ref = (json.load(open(f"{d}/calibration.json"))["temperature"] for d in (new, ref))
+print(f"{new}: FLANNEL tensors {'equal' if same else 'DIFFERENT'}; temperature {t_new} vs {t_ref}")
+sys.exit(0 if same and t_new == t_ref else 1)
+PY
+}
 for r in 1 2; do
+  for l in global patch; do
+    python -c "import json,sys; sys.exit(0 if json.load(open('runs/repeat/${l}_r$r/REPEAT.json')).get('done') else 1)" \
+      || { echo "runs/repeat/${l}_r$r has not finished (REPEAT.json has no done): run run.sh first"; exit 1; }
+  done
   patchflannel ensemble runs/repeat/patch_r$r runs/repeat/global_r$r --out runs/repeat/ens_r$r
+  check_same_combiner runs/repeat/ens_r$r
   patchflannel export-ensemble runs/repeat/ens_r$r --to runs/repeat/ensemble_r$r --members refit
   patchflannel predict $(cat docs/results/v03_vs_v01/test193_files.txt) --weights runs/repeat/ensemble_r$r --out runs/repeat/pred_r$r
   patchflannel predict $(cat docs/results/v03_vs_v01/jsrt_external.txt) --weights runs/repeat/ensemble_r$r --out runs/repeat/jsrt_r$r
