@@ -1,5 +1,6 @@
 #!/bin/bash
-# Score the refit repeats as a user runs the classifier, once docs/results/refit_repeat/run.sh has finished.
+# Score the refit repeats as a user runs the classifier, once docs/results/refit_repeat/run.sh has finished them.
+# score.sh [R ...] scores repeats R (default: 1 2); the spread table is written once both are scored.
 set -euo pipefail
 cd "$(dirname "$0")/../../.." && . .venv/bin/activate
 check_same_combiner() {  # PLAN.md: the rerun ensemble must be v0.5's (same out-of-fold votes), else not scored
@@ -14,7 +15,7 @@ print(f"{new}: FLANNEL tensors {'equal' if same else 'DIFFERENT'}; temperature {
 sys.exit(0 if same and t_new == t_ref else 1)
 PY
 }
-for r in 1 2; do
+for r in ${@:-1 2}; do
   for l in global patch; do
     python -c "import json,sys; sys.exit(0 if json.load(open('runs/repeat/${l}_r$r/REPEAT.json')).get('done') else 1)" \
       || { echo "runs/repeat/${l}_r$r has not finished (REPEAT.json has no done): run run.sh first"; exit 1; }
@@ -29,6 +30,7 @@ for r in 1 2; do
   python scripts/compare_predictions.py runs/repeat/pred_r$r/predictions.csv docs/results/refit_v05/predictions_v05_test193.csv \
       --labels ../shared/data/cxr/metadata.csv --names r$r v0.5 --out docs/results/refit_repeat/paired_r${r}_vs_v05.md
 done
+[ -f docs/results/refit_repeat/predictions_r1_jsrt60.csv ] && [ -f docs/results/refit_repeat/predictions_r2_jsrt60.csv ] || exit 0
 python scripts/repeat_spread.py --labels ../shared/data/cxr/metadata.csv --out docs/results/refit_repeat/spread.md \
     --run "r0 (v0.5)" docs/results/refit_v05/predictions_v05_test193.csv docs/results/refit_v05/predictions_jsrt60_v05.csv \
     --run r1 docs/results/refit_repeat/predictions_r1_test193.csv docs/results/refit_repeat/predictions_r1_jsrt60.csv \
