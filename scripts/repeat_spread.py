@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shlex
 import sys
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Spread over {len(names)} repeats ({n_test} test images; {counts['adult_non_covid']} adult non-COVID; "
              f"{counts['external']} external adult normals)", "",
              "`python scripts/repeat_spread.py --labels " + str(args.labels) + " --out " + str(args.out) + " "
-             + " ".join(f"--run {n} {t} {e}" for n, t, e in args.run) + "`", "", head,
+             + " ".join(f"--run {shlex.quote(n)} {t} {e}" for n, t, e in args.run) + "`", "", head,
              "|---|" + "---:|" * (len(names) + 2)]
     summary = {}
     for key, label, dig in ROWS:
