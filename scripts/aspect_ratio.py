@@ -3,7 +3,7 @@
 
     python scripts/aspect_ratio.py --out docs/results/aspect_ratio
 
-Reads only the sizes (``orig_width``/``orig_height`` of ../shared/data/cxr/metadata.csv, the PNG
+Reads only the sizes (``orig_width``/``orig_height`` of ../shared/data/cxr/metadata.csv, the image
 headers of ../shared/data/jsrt/images). Writes ``summary.md`` and ``aspect_ratio.csv`` (one row per
 source × class): how far the aspect ratio alone separates COVID-19 from the rest *within adults* (the
 confound's question), pneumonia from normal within the pediatric images, and pediatric from adult images (what a letterbox's bars would show), as ROC AUCs
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import struct
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -29,11 +28,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def png_size(path: Path) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk."""
-    head = path.read_bytes()[:24]
-    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        raise ValueError(f"{path}: not a PNG")
-    return struct.unpack(">II", head[16:24])
+    """(width, height) from the image file's header (the pixels are not decoded)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
 
 
 def load(cxr: Path, jsrt: Path | None) -> list[dict]:

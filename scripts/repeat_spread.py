@@ -24,7 +24,7 @@ import numpy as np
 from patchflannel._files import write_json, write_text
 from patchflannel.calibrate import brier_score, expected_calibration_error
 from patchflannel.errors import DataError
-from patchflannel.stats import load_evaluation, point_metrics, weighted_auc
+from patchflannel.stats import confound_report, load_evaluation, point_metrics
 
 ROWS = (("macro_f1", "macro-F1", 3), ("accuracy", "accuracy", 3), ("covid_auc", "COVID-vs-rest AUC", 3),
         ("ece", "ECE (15 bins, top label)", 3), ("gap", "mean top-class probability − accuracy", 3),
@@ -37,15 +37,13 @@ def score(test_csv: Path, external_csv: Path, labels: Path) -> tuple[dict[str, f
     d, meta, _ = load_evaluation(test_csv, labels)
     pm = point_metrics(d)
     conf = d.probs.max(1)
-    covid = d.classes.index("covid")
-    adult = np.array([a == "adult" for a in meta["age_group"]])
-    pos = (d.y == covid) & adult
-    neg = (d.y != covid) & adult
+    covid = d.pos
+    neg = (d.y != covid) & (np.array(meta["age_group"]) == "adult")
     res = {"macro_f1": pm["macro_f1"], "accuracy": pm["accuracy"], "covid_auc": pm["covid_auc"],
            "ece": expected_calibration_error(d.probs, d.y),
            "gap": float(conf.mean() - (d.probs.argmax(1) == d.y).mean()),  # as the ECE: the top label
            "brier": brier_score(d.probs, d.y), "median_top": float(np.median(conf)),
-           "adult_auc": float(weighted_auc(pos[None].astype(float), neg[None].astype(float), d.probs[:, covid])[0]),
+           "adult_auc": confound_report(d, meta["age_group"], n_resamples=200)["within_adults"]["value"],
            "adult_called_covid": float(((d.pred == covid) & neg).sum())}
     with external_csv.open(encoding="utf-8") as f:
         ext = [r for r in csv.DictReader(f) if r.get("status", "ok") == "ok"]
