@@ -16,12 +16,19 @@ the reference's two lungs), by the ``scr`` mask's extent on the same side:
 
 The ``scr`` lung of a side is its largest component there (a speck must not stretch the extent).
 
+The same places, with the roles swapped, say where the ``scr`` mask's pixels *outside* the reference
+lie (issue 9's "≤ 4 % of its area outside"), against the reference lung's extent on each side:
+``lateral`` beyond its chest-wall edge, ``basal`` below its lowest row (diaphragm, abdomen),
+``apical`` above its highest (neck, shoulders), ``medial`` past its medial edge (mediastinum),
+``inside`` in its notches and row gaps; as shares of the ``scr`` mask's area (:func:`added_places`).
+
 ``1 − medial`` is then what a mask with this mask's medial edge that missed nothing else would
 cover: an estimate of what the SCR convention leaves for the target, biased both ways (opacified lung
 an SCR outline would include but this mask's medial edge leaves out counts as medial, lowering it;
 lung behind the heart below the ``scr`` lung's lowest row counts as basal, raising it). The U-Nets run in PyTorch
 (what ``eval-seg`` uses). Writes ``OUT/scr_miss_where.csv`` (per image and weights),
-``OUT/summary.md`` and ``OUT/examples.png`` (the first weights' four largest misses, by place).
+``OUT/summary.md``, ``OUT/examples.png`` (the first weights' four largest misses, by place) and
+``OUT/added_examples.png`` (the first weights' four largest shares outside the reference).
 """
 
 from __future__ import annotations
@@ -96,6 +103,13 @@ def miss_places(ref: np.ndarray, scr: np.ndarray, mid: float | None = None) -> d
     return out
 
 
+def added_places(ref: np.ndarray, scr: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean maps, one per place in :data:`PLACES`, that together partition ``scr & ~ref``: where the
+    mask's pixels outside the reference lie against the *reference's* extent on each side (the midline
+    is the reference's, as for :func:`miss_places`)."""
+    return miss_places(scr, ref, mid=midline(ref))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", type=Path, default=Path("docs/results/seg_v2/split.json"))
@@ -115,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data not found: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    rows, shown = [], []
+    rows, shown, shown_added = [], [], []
     for w in args.weights:
         seg = LungSegmenter.from_pretrained(w, backend="torch")
         for domain, items in loaded.items():
@@ -129,14 +143,20 @@ def main(argv: list[str] | None = None) -> int:
                        "covered": np.count_nonzero(ref & scr) / n,
                        **{f"miss_{p}": np.count_nonzero(places[p]) / n for p in PLACES}}
                 row["one_minus_medial"] = 1 - row["miss_medial"]
+                a = max(np.count_nonzero(scr), 1)
+                added = added_places(ref, scr)
+                row["added"] = np.count_nonzero(scr & ~ref) / a
+                row.update({f"add_{p}": np.count_nonzero(added[p]) / a for p in PLACES})
                 rows.append(row)
                 if w == args.weights[0] and domain == "v7":
                     shown.append((1 - row["covered"], cid, img, ref, scr, places))
+                    shown_added.append((row["added"], cid, img, ref, scr, added))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "scr_miss_where.csv", [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}
                                                for r in rows])
     write_text(args.out / "summary.md", _summary(rows, args, time.perf_counter() - t0))
     _figure(sorted(shown, key=lambda e: -e[0])[:4], args.out / "examples.png")
+    _figure(sorted(shown_added, key=lambda e: -e[0])[:4], args.out / "added_examples.png", added=True)
     print((args.out / "summary.md").read_text(encoding="utf-8"))
     return 0
 
@@ -162,10 +182,27 @@ def _summary(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
             lines.append(f"| `{w}` | {domain} | {len(rs)} | {cell('covered')} | "
                          + " | ".join(cell(f"miss_{p}") for p in PLACES)
                          + f" | {cell('one_minus_medial')} | {int((ceil >= 0.85).sum())} of {len(rs)} |")
+    lines += ["", "Where the `scr` mask's pixels outside the reference lie, against the reference lung's extent on each "
+              "side: shares of the `scr` mask's area, mean over images (median in brackets).", "",
+              "| weights | part | n | outside the reference | beyond its lateral edge | below it (basal) | "
+              "above it (apical) | past its medial edge | in its notches (inside) | on a side without reference lung |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = ("lateral", "basal", "apical", "medial", "inside", "no_mask_side")
+    for w in args.weights:
+        for domain in ("v7", "jsrt"):
+            rs = [r for r in rows if r["weights"] == w and r["domain"] == domain]
+            if not rs:
+                continue
+
+            def cell2(k: str, rs: list[dict] = rs) -> str:
+                v = np.array([r[k] for r in rs])
+                return f"{v.mean():.1%} ({np.median(v):.1%})"
+            lines.append(f"| `{w}` | {domain} | {len(rs)} | {cell2('added')} | "
+                         + " | ".join(cell2(f"add_{p}") for p in order) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _figure(examples: list, path: Path) -> None:
+def _figure(examples: list, path: Path, added: bool = False) -> None:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -183,11 +220,14 @@ def _figure(examples: list, path: Path) -> None:
                   alpha=0.55, interpolation="nearest")
         ax.contour(ref, levels=[0.5], colors=["lime"], linewidths=0.8)
         ax.contour(scr, levels=[0.5], colors=["white"], linewidths=0.8)
-        ax.set_title(f"{cid}\nV7 lung missed by scr: {miss:.1%}", fontsize=6.5)
+        what = "scr mask outside the V7 lung" if added else "V7 lung missed by scr"
+        ax.set_title(f"{cid}\n{what}: {miss:.1%}", fontsize=6.5)
         ax.axis("off")
     handles = [Patch(color=c, label=p) for c, p in zip(colours, PLACES)]
     fig.legend(handles=handles, loc="lower center", ncol=len(PLACES), fontsize=8, frameon=False)
-    fig.suptitle("V7 test: the lung the scr mask (white) misses of the V7 reference (green), by place", fontsize=9)
+    fig.suptitle("V7 test: the scr mask (white) outside the V7 reference (green), by place against the reference"
+                 if added else "V7 test: the lung the scr mask (white) misses of the V7 reference (green), by place",
+                 fontsize=9)
     save_figure(fig, path, dpi=80)
 
 

@@ -47,3 +47,23 @@ def test_places_partition_the_miss_and_sit_where_drawn() -> None:
     # a mask that misses nothing: all places empty
     q = mod.miss_places(ref, ref)
     assert not any(v.any() for v in q.values())
+
+
+def test_added_places_partition_what_the_mask_adds() -> None:
+    mod = _module()
+    ref = np.zeros((100, 100), bool)
+    ref[20:80, 10:45] = True
+    ref[20:80, 55:90] = True
+    scr = ref.copy()
+    scr[5:12, 25:30] = True           # a blob in the neck, above the left reference lung: apical
+    scr[40:50, 90:95] = True          # past the right lung's chest-wall edge: lateral
+    scr[85:90, 60:70] = True          # below the right lung: basal
+    scr[40:45, 45:48] = True          # past the left lung's medial edge, short of the midline: medial
+    a = mod.added_places(ref, scr)
+    stacked = np.stack([a[k] for k in mod.PLACES])
+    assert (stacked.sum(0) <= 1).all()
+    np.testing.assert_array_equal(stacked.any(0), scr & ~ref)
+    assert a["apical"].sum() == 7 * 5 and a["lateral"].sum() == 10 * 5
+    assert a["basal"].sum() == 5 * 10 and a["medial"].sum() == 5 * 3
+    assert not a["inside"].any() and not a["no_mask_side"].any()
+    assert not any(v.any() for v in mod.added_places(ref, ref).values())
