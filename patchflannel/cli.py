@@ -208,7 +208,7 @@ def segment(
                                                                             "on the radiograph; about a third of "
                                                                             "segment's time per image here).")] = True,
     backend: Annotated[str, typer.Option("--backend", help="What runs the U-Net: auto (ONNX Runtime on the CPU when "
-                                                           "installed; 1.4–1.9× PyTorch's images/s here), onnx or torch (what "
+                                                           "installed; 1.2–1.5× PyTorch's images/s here, docs/results.md §1b), onnx or torch (what "
                                                            "eval-seg measures; masks agree to a few border pixels).")] = "auto",
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
@@ -250,16 +250,26 @@ def segment(
                 with _progress() as progress:
                     task = progress.add_task("segmenting", total=len(files))
                     for start in range(0, len(files), batch_size):
-                        batch, images = _read_batch(files[start:start + batch_size], od, "masks.csv", SEG_COLUMNS, names,
-                                                    results, lambda: progress.advance(task))
+                        chunk, deferred = files[start:start + batch_size], []
+                        batch, images = _read_batch(chunk, od, "masks.csv", SEG_COLUMNS, names,
+                                                    results, lambda: progress.advance(task), deferred)
+                        # masks.csv keeps the input order: an unreadable file's row is written in its turn
+                        failed = dict(zip([f for f in chunk if f not in set(batch)], deferred))
                         if not images:
+                            for report in deferred:
+                                report()
                             continue
                         segs = seg.segment(images, convention, batch_size)
                         jobs = [(od.file("masks", f"{names[f]}.png"), od.file("overlays", f"{names[f]}.png") if overlays
                                  else None, im, res.mask) for f, im, res in zip(batch, images, segs)]
                         with ThreadPoolExecutor(max(1, min(len(jobs), default_threads()))) as pool:  # PNG encoding releases the GIL
                             list(pool.map(_write_mask, *zip(*jobs)))  # all files of the batch written before its rows
-                        for f, im, res in zip(batch, images, segs):
+                        done = dict(zip(batch, zip(images, segs)))
+                        for f in chunk:
+                            if f in failed:
+                                failed[f]()
+                                continue
+                            im, res = done[f]
                             name, q = names[f], res.quality
                             if writer is not None:
                                 writer.add(name, resize(im, WORK_SIZE, "area"), res.mask_work,
@@ -568,8 +578,9 @@ def ensemble(
 def export_ensemble(
     ensemble_dir: Annotated[Path, typer.Argument(help="An `ensemble` output folder.")],
     to: Annotated[Path, typer.Option(help="Destination classifier folder (replaced whole), e.g. weights/ensemble.")],
-    members: Annotated[str, typer.Option(help="folds (each learner's fold models, averaged) or refit (one model "
-                                              "per learner retrained on all non-test images).")] = "folds",
+    members: Annotated[str, typer.Option(help="auto (refit when every learner has a finished refit model, else "
+                                              "folds), folds (each learner's fold models, averaged) or refit (one "
+                                              "model per learner retrained on all non-test images: what ships).")] = "auto",
     half: Annotated[bool, typer.Option("--half/--full-precision", help="Store learner tensors as float16.")] = True,
 ) -> None:
     """Ship a FLANNEL model with its learners, segmenter reference and calibration as one classifier folder (used by `predict`)."""
@@ -578,7 +589,11 @@ def export_ensemble(
         from .ensemble_run import export_classifier
 
         dest = export_classifier(ensemble_dir, to, members=members, half=half)
-        out.print(f"exported the classifier to {dest} (load it with Classifier.from_pretrained or predict --weights)")
+        import json
+
+        chosen = json.loads((dest / "config.json").read_text(encoding="utf-8"))["training"]["members"]
+        out.print(f"exported the classifier to {dest} with {chosen} members (load it with Classifier.from_pretrained "
+                  "or predict --weights)")
 
 
 # --------------------------------------------------------------------------- predict
@@ -599,7 +614,7 @@ def predict(
     seed: Annotated[int, typer.Option(help="Seed of the crop centres (each image's crops also depend on its content only).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, max=64, help="Images per forward batch (1 measured fastest on 2 CPU cores).")] = 1,
     exact: Annotated[bool, typer.Option("--exact", help="The reference path: PyTorch models, all K crops of every image "
-                                                        "(about 4× slower on a CPU; see docs/results.md §6).")] = False,
+                                                        "(5–6× slower than the default fast path on a 2-core CPU, same labels; docs/results.md §8).")] = False,
     backend: Annotated[str, typer.Option("--backend", help="What runs the learners on the fast path: auto (ONNX Runtime "
                                                            "on the CPU when installed), onnx or torch.")] = "auto",
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, max=64, help="Batches predicted side by side, one "
@@ -710,8 +725,11 @@ def predict(
         n_workers = 1 if explain_maps or n_run < 2 else clf.resolve_workers(workers)
         path = "exact path" if exact or explain_maps else f"fast path: {clf.backend_used()}"
         path += f", {n_workers} workers" if n_workers > 1 else ""
-        out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K≤{kk}, {path}) → {out_dir / 'predictions.csv'}, "
-                  f"per-image JSON in {out_dir / 'json'}, overlays in {out_dir / 'overlays'}")
+        if n_run:
+            out.print(f"{n_ok}/{len(results)} predicted in {elapsed:.1f} s (K≤{kk}, {path}) → {out_dir / 'predictions.csv'}, "
+                      f"per-image JSON in {out_dir / 'json'}, overlays in {out_dir / 'overlays'}")
+        else:  # every file failed to read: nothing ran, and only the CSV was written
+            out.print(f"0/{len(results)} predicted: no input could be read → {out_dir / 'predictions.csv'}")
         out.print("[dim]research software: not for clinical use[/]")
         if n_ok < len(results):
             raise typer.Exit(1)

@@ -1436,7 +1436,16 @@ def _shown_path(path: str | os.PathLike[str]) -> str:
         return str(p)
 
 
-def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathLike[str], members: str = "folds",
+def _has_refit_votes(folder: Path) -> bool:
+    """Whether a learner folder holds a finished refit model's test votes (``train.refit=true`` writes them last)."""
+    try:
+        with np.load(folder / "test.npz", allow_pickle=False) as z:
+            return "soft_refit" in z.files
+    except (OSError, ValueError):
+        return False
+
+
+def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathLike[str], members: str = "auto",
                       half: bool = True) -> Path:
     """Build the :class:`~patchflannel.pipeline.Classifier` an ensemble run describes and save it to ``dest``.
 
@@ -1444,6 +1453,9 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
     learner's ``test.npz`` lists; a missing one is an error, nothing is globbed) — FLANNEL then sees
     the mean of the fold models, as in the ensemble report's "mean of fold models" evaluation.
     ``members="refit"``: the one model refit on every non-test image (``RUN/<learner>/refit/best``).
+    ``members="auto"`` (the default): ``refit`` when every learner has a finished refit model (what the
+    shipped classifier uses since v0.5: the out-of-fold temperature describes one model per image),
+    else ``folds``; the choice is recorded in the folder's ``config.json`` (``training.members``).
     The destination is replaced whole (no file of an earlier export remains).
     """
     from ._files import check_name, file_sha256
@@ -1453,8 +1465,8 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
     from .pipeline import Classifier
     from .segment import LungSegmenter
 
-    if members not in ("folds", "refit"):
-        raise ConfigError(f"members must be 'folds' or 'refit', got {members!r}")
+    if members not in ("auto", "folds", "refit"):
+        raise ConfigError(f"members must be 'auto', 'folds' or 'refit', got {members!r}")
     src = Path(ensemble_dir)
     if not (src / "flannel" / "config.json").is_file() or not (src / "config.yaml").is_file():
         raise DataError(f"{src}: not an ensemble output folder (needs config.yaml and flannel/ written by "
@@ -1473,6 +1485,8 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
             raise DataError(f"{src / 'flannel'}: {exc}; a learner found in several runs is named '<run>/<learner>' "
                             "and cannot be exported: give the learner folders distinct names") from None
     available = find_learners(cfg["runs"])
+    if members == "auto":
+        members = "refit" if all(name in available and _has_refit_votes(available[name]) for name in names) else "folds"
     learners: dict[str, list[Learner]] = {}
     run_cfg: dict[str, Any] = {}
     for name in names:
@@ -1481,11 +1495,10 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
             raise DataError(f"learner {name} of {src / 'flannel'} is not in the runs {cfg['runs']}")
         run_cfg = yaml.safe_load((folder.parent / "config.yaml").read_text(encoding="utf-8")) or {}
         if members == "refit":
-            with np.load(folder / "test.npz", allow_pickle=False) as z:
-                if "soft_refit" not in z.files:
-                    # a refit/ folder without refit votes is not a finished refit of this run
-                    raise DataError(f"{folder}: no finished refit model (test.npz has no refit votes; train-patch with "
-                                    "train.refit=true writes them)")
+            if not _has_refit_votes(folder):
+                # a refit/ folder without refit votes is not a finished refit of this run
+                raise DataError(f"{folder}: no finished refit model (test.npz has no refit votes; train-patch with "
+                                "train.refit=true writes them)")
             dirs = [("refit", folder / "refit" / "best")]
         else:
             with np.load(folder / "test.npz", allow_pickle=False) as z:

@@ -568,6 +568,9 @@ def test_export_refit_members_and_their_card_lines(ran: tuple[list[Path], Path, 
                 votes = {k: z[k] for k in z.files}
             np.savez(learner / "test.npz", **votes, soft_refit=votes["soft"][:, 0])
         dest = export_classifier(out, tmp_path / "clf", members="refit")
+        # the default (auto) takes the refit models once every learner has finished one
+        auto = json.loads((export_classifier(out, tmp_path / "clf_auto") / "config.json").read_text())
+        assert auto["training"]["members"] == "refit"
     finally:
         for learner, raw in saved.items():
             shutil.rmtree(learner / "refit", ignore_errors=True)
@@ -583,6 +586,7 @@ def test_export_refit_members_and_their_card_lines(ran: tuple[list[Path], Path, 
 
     assert "1 model refit on every non-test image" in classifier_section("clf", cfg)
     folds = json.loads((export_classifier(out, tmp_path / "clf_folds") / "config.json").read_text())
+    assert folds["training"]["members"] == "folds"   # auto, with no refit model left: the fold models
     assert any(k.endswith("as shipped") for k in folds["training"]["results"])
 
 

@@ -786,3 +786,23 @@ def test_entry_point_user_error_is_one_stderr_line(tmp_path: Path) -> None:
     lines = [ln for ln in plain(p.stderr).splitlines() if ln.strip()]
     assert lines == ["error: --device 'nonsense' is not a device; use auto, cpu, cuda, cuda:N or mps"], lines
     assert not (tmp_path / "o").exists()
+
+
+def test_segment_rows_follow_the_input_order(seg_batch: tuple[Result, list[dict[str, str]], Path]) -> None:
+    """masks.csv lists its rows in input order (as predictions.csv does), unreadable files in their turn."""
+    _, table, out = seg_batch
+    inputs = json.loads((out / "manifest.json").read_text())["inputs"]
+    assert [r["file"] for r in table] == inputs
+    assert {r["status"] for r in table} == {"ok", "error"}
+
+
+def test_predict_with_no_readable_input_says_so(tmp_path: Path) -> None:
+    """Every input unreadable: exit 1, the CSV has their rows, and the summary names no folder that was not written."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_text("not an image\n")
+    res = invoke("predict", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert_no_bug(res)
+    assert res.exit_code == 1
+    assert squash("0/1 predicted: no input could be read") in squash(res.stdout), plain(res.stdout)
+    assert csv_rows(tmp_path / "out" / "predictions.csv")[0]["status"] == "error"
+    assert not (tmp_path / "out" / "json").exists() and "json" not in plain(res.stdout)
