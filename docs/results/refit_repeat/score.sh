@@ -1,6 +1,6 @@
 #!/bin/bash
 # Score the refit repeats as a user runs the classifier, once docs/results/refit_repeat/run.sh has finished them.
-# score.sh [R ...] scores repeats R (default: 1 2); the spread table is written once both are scored.
+# score.sh [R ...] scores repeats R (default: 1 2); the spread table covers every repeat scored so far.
 set -euo pipefail
 cd "$(dirname "$0")/../../.." && . .venv/bin/activate
 check_same_combiner() {  # PLAN.md: the rerun ensemble must be v0.5's (same out-of-fold votes), else not scored
@@ -30,8 +30,11 @@ for r in ${@:-1 2}; do
   python scripts/compare_predictions.py runs/repeat/pred_r$r/predictions.csv docs/results/refit_v05/predictions_v05_test193.csv \
       --labels ../shared/data/cxr/metadata.csv --names r$r v0.5 --out docs/results/refit_repeat/paired_r${r}_vs_v05.md
 done
-[ -f docs/results/refit_repeat/predictions_r1_jsrt60.csv ] && [ -f docs/results/refit_repeat/predictions_r2_jsrt60.csv ] || exit 0
-python scripts/repeat_spread.py --labels ../shared/data/cxr/metadata.csv --out docs/results/refit_repeat/spread.md \
-    --run "r0 (v0.5)" docs/results/refit_v05/predictions_v05_test193.csv docs/results/refit_v05/predictions_jsrt60_v05.csv \
-    --run r1 docs/results/refit_repeat/predictions_r1_test193.csv docs/results/refit_repeat/predictions_r1_jsrt60.csv \
-    --run r2 docs/results/refit_repeat/predictions_r2_test193.csv docs/results/refit_repeat/predictions_r2_jsrt60.csv
+# the spread table over v0.5 and every repeat scored so far (r1 and r2 in session 10; r3 and r4 in session 11)
+runs=(--run "r0 (v0.5)" docs/results/refit_v05/predictions_v05_test193.csv docs/results/refit_v05/predictions_jsrt60_v05.csv)
+for r in 1 2 3 4 5 6 7 8 9; do
+  [ -f docs/results/refit_repeat/predictions_r${r}_jsrt60.csv ] || continue
+  runs+=(--run r$r docs/results/refit_repeat/predictions_r${r}_test193.csv docs/results/refit_repeat/predictions_r${r}_jsrt60.csv)
+done
+[ ${#runs[@]} -ge 12 ] || exit 0   # at least two repeats besides v0.5
+python scripts/repeat_spread.py --labels ../shared/data/cxr/metadata.csv --out docs/results/refit_repeat/spread.md "${runs[@]}"
