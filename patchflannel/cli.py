@@ -173,6 +173,30 @@ def _read_batch(files: list[Path], od: Any, csv_name: str, columns: list[str], n
     return batch, images
 
 
+def _in_input_order(chunk: list[Path], batch: list[Path], deferred: list[Callable[[], None]],
+                    write_read: Callable[[int], None]) -> None:
+    """Write a batch's rows in input order: an unreadable file's deferred report (from :func:`_read_batch`)
+    in its turn, ``write_read(i)`` for the i-th file that was read. Should a write fail, the unreadable
+    files' reports not yet run are run before the error propagates, so their rows are not lost."""
+    readable = set(batch)
+    failed = iter(deferred)
+    steps = [None if f in readable else next(failed) for f in chunk]
+    pending = [r for r in steps if r is not None]
+    i = 0
+    try:
+        for report in steps:
+            if report is None:
+                write_read(i)
+                i += 1
+            else:
+                pending.remove(report)
+                report()
+    except BaseException:
+        for report in pending:
+            report()
+        raise
+
+
 def _summary_table(results: list[dict[str, Any]], title: str, limit: int = 40) -> None:
     n_ok = sum(r["status"] == "ok" for r in results)
     table = Table(title=f"{title}: {n_ok} ok, {len(results) - n_ok} failed", show_lines=False)
@@ -253,23 +277,21 @@ def segment(
                         chunk, deferred = files[start:start + batch_size], []
                         batch, images = _read_batch(chunk, od, "masks.csv", SEG_COLUMNS, names,
                                                     results, lambda: progress.advance(task), deferred)
-                        # masks.csv keeps the input order: an unreadable file's row is written in its turn
-                        failed = dict(zip([f for f in chunk if f not in set(batch)], deferred))
-                        if not images:
-                            for report in deferred:
+                        try:
+                            segs = seg.segment(images, convention, batch_size) if images else []
+                            jobs = [(od.file("masks", f"{names[f]}.png"), od.file("overlays", f"{names[f]}.png") if overlays
+                                     else None, im, res.mask) for f, im, res in zip(batch, images, segs)]
+                            if jobs:
+                                with ThreadPoolExecutor(max(1, min(len(jobs), default_threads()))) as pool:  # PNG encoding releases the GIL
+                                    list(pool.map(_write_mask, *zip(*jobs)))  # all files of the batch written before its rows
+                        except BaseException:
+                            for report in deferred:  # the unreadable files' rows are not lost with the batch
                                 report()
-                            continue
-                        segs = seg.segment(images, convention, batch_size)
-                        jobs = [(od.file("masks", f"{names[f]}.png"), od.file("overlays", f"{names[f]}.png") if overlays
-                                 else None, im, res.mask) for f, im, res in zip(batch, images, segs)]
-                        with ThreadPoolExecutor(max(1, min(len(jobs), default_threads()))) as pool:  # PNG encoding releases the GIL
-                            list(pool.map(_write_mask, *zip(*jobs)))  # all files of the batch written before its rows
-                        done = dict(zip(batch, zip(images, segs)))
-                        for f in chunk:
-                            if f in failed:
-                                failed[f]()
-                                continue
-                            im, res = done[f]
+                            raise
+
+                        def write_row(i: int, batch: list[Path] = batch, images: list[Any] = images,
+                                      segs: list[Any] = segs) -> None:
+                            f, im, res = batch[i], images[i], segs[i]
                             name, q = names[f], res.quality
                             if writer is not None:
                                 writer.add(name, resize(im, WORK_SIZE, "area"), res.mask_work,
@@ -285,6 +307,8 @@ def segment(
                                 detail += f" [yellow](check the {'overlay' if overlays else 'mask'}: {q.reason})[/]"
                             results.append({"file": f, "status": "ok", "detail": detail, "suspicious": q.suspicious})
                             progress.advance(task)
+
+                        _in_input_order(chunk, batch, deferred, write_row)
             except BaseException:
                 if writer is not None:
                     writer.abort()
@@ -665,10 +689,10 @@ def predict(
                 def batches() -> Iterator[tuple[Any, list[Any]]]:
                     """Read lazily (ahead of the workers); an unreadable file is reported in its turn."""
                     for start in range(0, len(files), batch_size):
-                        deferred: list[Callable[[], None]] = []
-                        batch, images = _read_batch(files[start:start + batch_size], od, "predictions.csv", cols, names,
+                        chunk, deferred = files[start:start + batch_size], []
+                        batch, images = _read_batch(chunk, od, "predictions.csv", cols, names,
                                                     results, lambda: progress.advance(task), deferred)
-                        yield (batch, images, deferred), images
+                        yield (chunk, batch, images, deferred), images
 
                 stream: Iterator[tuple[Any, list[Any]]]
                 if explain_maps:  # Grad-CAM: the exact path, one batch at a time
@@ -679,11 +703,12 @@ def predict(
                     stream = clf.predict_stream(batches(), kk, seed, exact=exact, workers=workers, converted=True)
                     done = ((tag, [(p, None) for p in preds]) for tag, preds in stream)
                 with contextlib.closing(stream):  # on an error here, the workers stop now, not at exit
-                    for (batch, images, deferred), pairs in done:
+                    for (chunk, batch, images, deferred), pairs in done:
                         n_run += bool(images)
-                        for report in deferred:
-                            report()
-                        for f, im, (p, ex) in zip(batch, images, pairs):
+
+                        def write_result(i: int, batch: list[Path] = batch, images: list[Any] = images,
+                                         pairs: list[Any] = pairs) -> None:
+                            f, im, (p, ex) = batch[i], images[i], pairs[i]
                             name = names[f]
                             ok = p.status == "ok"
                             od.append_row("predictions.csv", {
@@ -719,6 +744,8 @@ def predict(
                                 console.print(f"[red]✗[/] {escape(str(f))}: {escape(p.message)}", highlight=False, soft_wrap=True)
                                 results.append({"file": f, "status": p.status, "detail": p.message})
                             progress.advance(task)
+
+                        _in_input_order(chunk, batch, deferred, write_result)
         elapsed = time.perf_counter() - t0
         _summary_table(results, "predict")
         n_ok = sum(r["status"] == "ok" for r in results)
@@ -855,12 +882,19 @@ def explain(
             with _progress() as progress:
                 task = progress.add_task("explaining", total=len(files))
                 for start in range(0, len(files), batch_size):
-                    batch, images = _read_batch(files[start:start + batch_size], od, "explanations.csv", EXPLAIN_COLUMNS, names,
-                                                results, lambda: progress.advance(task))
-                    if not images:
-                        continue
-                    for f, im, (p, e) in zip(batch, images, _predict_maybe_explain(clf, images, kk, seed, batch_size,
-                                                                                  True, class_name)):
+                    chunk, deferred = files[start:start + batch_size], []
+                    batch, images = _read_batch(chunk, od, "explanations.csv", EXPLAIN_COLUMNS, names,
+                                                results, lambda: progress.advance(task), deferred)
+                    try:
+                        pairs = _predict_maybe_explain(clf, images, kk, seed, batch_size, True, class_name) if images else []
+                    except BaseException:
+                        for report in deferred:  # the unreadable files' rows are not lost with the batch
+                            report()
+                        raise
+
+                    def write_result(i: int, batch: list[Path] = batch, images: list[Any] = images,
+                                     pairs: list[Any] = pairs) -> None:
+                        f, im, (p, e) = batch[i], images[i], pairs[i]
                         name = names[f]
                         ok = p.status == "ok"
                         od.append_row("explanations.csv", {
@@ -880,6 +914,8 @@ def explain(
                             console.print(f"[red]✗[/] {escape(str(f))}: {escape(p.message)}", highlight=False, soft_wrap=True)
                             results.append({"file": f, "status": p.status, "detail": p.message})
                         progress.advance(task)
+
+                    _in_input_order(chunk, batch, deferred, write_result)
         elapsed = time.perf_counter() - t0
         _summary_table(results, "explain")
         n_ok = sum(r["status"] == "ok" for r in results)

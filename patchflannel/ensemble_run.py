@@ -1441,8 +1441,15 @@ def _has_refit_votes(folder: Path) -> bool:
     try:
         with np.load(folder / "test.npz", allow_pickle=False) as z:
             return "soft_refit" in z.files
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 — missing, truncated or not a zip (OSError, EOFError, BadZipFile, …): no refit
         return False
+
+
+def _has_refit_model(folder: Path) -> bool:
+    """A finished refit model: its votes in ``test.npz`` and its weights in ``refit/best``."""
+    from .hub import WEIGHTS_NAME
+
+    return _has_refit_votes(folder) and (folder / "refit" / "best" / WEIGHTS_NAME).is_file()
 
 
 def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathLike[str], members: str = "auto",
@@ -1453,9 +1460,9 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
     learner's ``test.npz`` lists; a missing one is an error, nothing is globbed) — FLANNEL then sees
     the mean of the fold models, as in the ensemble report's "mean of fold models" evaluation.
     ``members="refit"``: the one model refit on every non-test image (``RUN/<learner>/refit/best``).
-    ``members="auto"`` (the default): ``refit`` when every learner has a finished refit model (what the
-    shipped classifier uses since v0.5: the out-of-fold temperature describes one model per image),
-    else ``folds``; the choice is recorded in the folder's ``config.json`` (``training.members``).
+    ``members="auto"`` (the default): ``refit`` when every learner has a finished refit model (its votes
+    and its weights; what the shipped classifier uses since v0.5: the out-of-fold temperature describes
+    one model per image), else ``folds``; the choice is recorded in the folder's ``config.json`` (``training.members``).
     The destination is replaced whole (no file of an earlier export remains).
     """
     from ._files import check_name, file_sha256
@@ -1486,7 +1493,7 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
                             "and cannot be exported: give the learner folders distinct names") from None
     available = find_learners(cfg["runs"])
     if members == "auto":
-        members = "refit" if all(name in available and _has_refit_votes(available[name]) for name in names) else "folds"
+        members = "refit" if all(name in available and _has_refit_model(available[name]) for name in names) else "folds"
     learners: dict[str, list[Learner]] = {}
     run_cfg: dict[str, Any] = {}
     for name in names:
@@ -1501,8 +1508,12 @@ def export_classifier(ensemble_dir: str | os.PathLike[str], dest: str | os.PathL
                                 "train.refit=true writes them)")
             dirs = [("refit", folder / "refit" / "best")]
         else:
-            with np.load(folder / "test.npz", allow_pickle=False) as z:
-                folds = [int(f) for f in z["fold_ids"]] if "fold_ids" in z.files else list(range(z["soft"].shape[1]))
+            try:
+                with np.load(folder / "test.npz", allow_pickle=False) as z:
+                    folds = [int(f) for f in z["fold_ids"]] if "fold_ids" in z.files else list(range(z["soft"].shape[1]))
+            except Exception as exc:  # noqa: BLE001 — missing or unreadable votes: a user error, not a traceback
+                raise DataError(f"{folder / 'test.npz'}: cannot read the learner's test votes ({exc}); rerun "
+                                "train-patch on that run") from None
             dirs = [(f"fold{f}", folder / f"fold{f}" / "best") for f in folds]
         learners[name] = []
         for member, d in dirs:

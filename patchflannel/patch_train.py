@@ -6,7 +6,7 @@ Run folder written by :func:`train_patch_run`::
     RUN/config.yaml                 resolved config
     RUN/split.json                  held-out test ids, fold ids (grouped by patient, near-duplicates merged),
                                     and the fingerprint of the data they were made from
-    RUN/<learner>/fold<f>/          checkpoint.pt (every epoch), history.csv, best/ (a Learner folder), done.json
+    RUN/<learner>/fold<f>/          checkpoint.pt (every epoch), history.csv, best/ (a Learner folder), votes.npz (its votes: done)
     RUN/<learner>/refit/            the learner retrained on every non-test image (what ships), same files
     RUN/<learner>/oof.npz           out-of-fold distributions of every non-test image (the ensemble's training data)
     RUN/<learner>/test.npz          held-out distributions: each fold model's, and the refit model's

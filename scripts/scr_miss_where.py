@@ -16,11 +16,11 @@ the reference's two lungs), by the ``scr`` mask's extent on the same side:
 
 The ``scr`` lung of a side is its largest component there (a speck must not stretch the extent).
 
-The same places, with the roles swapped, say where the ``scr`` mask's pixels *outside* the reference
-lie (issue 9's "≤ 4 % of its area outside"), against the reference lung's extent on each side:
-``lateral`` beyond its chest-wall edge, ``basal`` below its lowest row (diaphragm, abdomen),
-``apical`` above its highest (neck, shoulders), ``medial`` past its medial edge (mediastinum),
-``inside`` in its notches and row gaps; as shares of the ``scr`` mask's area (:func:`added_places`).
+The same places say where the ``scr`` mask's pixels *outside* the reference lie (issue 9's "≤ 4 % of
+its area outside"), against the reference lung on each side (:func:`added_places`): ``basal`` below
+the reference lung in its column or below its lowest row (diaphragm, abdomen), ``apical`` above it
+(neck, shoulders), then by row ``lateral`` beyond its chest-wall edge, ``medial`` past its medial edge
+(mediastinum, spine), ``inside`` between its edges; as shares of the ``scr`` mask's area.
 
 ``1 − medial`` is then what a mask with this mask's medial edge that missed nothing else would
 cover: an estimate of what the SCR convention leaves for the target, biased both ways (opacified lung
@@ -105,9 +105,39 @@ def miss_places(ref: np.ndarray, scr: np.ndarray, mid: float | None = None) -> d
 
 def added_places(ref: np.ndarray, scr: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean maps, one per place in :data:`PLACES`, that together partition ``scr & ~ref``: where the
-    mask's pixels outside the reference lie against the *reference's* extent on each side (the midline
-    is the reference's, as for :func:`miss_places`)."""
-    return miss_places(scr, ref, mid=midline(ref))
+    mask's pixels outside the reference lie against the *reference* lung on each side (the midline is
+    the reference's, as for :func:`miss_places`).
+
+    Column first: in a column the side's reference lung spans, a pixel below its lowest pixel there is
+    ``basal`` (under the diaphragm, also under the dome medial to the costophrenic angle, where the row
+    still holds reference lung) and one above its highest is ``apical``; the rest is placed by row as in
+    :func:`miss_places` (``medial``/``lateral`` of the reference's edges in its row, ``basal``/``apical``
+    beyond its rows, ``inside`` between its edges)."""
+    h, w = ref.shape
+    mid = midline(ref)
+    cols = np.arange(w)[None, :]
+    rows = np.arange(h)[:, None]
+    added = scr & ~ref
+    out = {p: np.zeros_like(added) for p in PLACES}
+    for side_is_left in (True, False):
+        side = cols < mid if side_is_left else cols >= mid
+        m = added & side
+        r = _largest(ref & side)
+        if not r.any():
+            out["no_mask_side"] |= m
+            continue
+        col_has = r.any(0)
+        col_top = np.where(col_has, np.argmax(r, 0), h)[None, :]                  # highest reference row per column
+        col_bottom = np.where(col_has, h - 1 - np.argmax(r[::-1], 0), -1)[None, :]  # lowest
+        basal = m & col_has[None, :] & (rows > col_bottom)
+        apical = m & col_has[None, :] & (rows < col_top)
+        by_row = miss_places(m | r, r, mid=mid)   # the remaining pixels, placed by row against the reference
+        rest = m & ~basal & ~apical
+        out["basal"] |= basal | (rest & by_row["basal"])
+        out["apical"] |= apical | (rest & by_row["apical"])
+        for name in ("medial", "lateral", "inside"):
+            out[name] |= rest & by_row[name]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -563,6 +563,9 @@ def test_export_refit_members_and_their_card_lines(ran: tuple[list[Path], Path, 
         # refit/ without refit votes in test.npz is not a finished refit: refused
         with pytest.raises(DataError, match="no finished refit model"):
             export_classifier(out, tmp_path / "unfinished", members="refit")
+        # ... and the default (auto) takes the fold models then
+        unfinished = json.loads((export_classifier(out, tmp_path / "auto_unfinished") / "config.json").read_text())
+        assert unfinished["training"]["members"] == "folds"
         for learner in learners:
             with np.load(learner / "test.npz") as z:
                 votes = {k: z[k] for k in z.files}
@@ -571,6 +574,10 @@ def test_export_refit_members_and_their_card_lines(ran: tuple[list[Path], Path, 
         # the default (auto) takes the refit models once every learner has finished one
         auto = json.loads((export_classifier(out, tmp_path / "clf_auto") / "config.json").read_text())
         assert auto["training"]["members"] == "refit"
+        # one learner's refit votes without its weights (e.g. a partly copied run): auto falls back to the folds
+        (learners[0] / "refit" / "best").rename(learners[0] / "refit" / "moved")
+        partial = json.loads((export_classifier(out, tmp_path / "clf_partial") / "config.json").read_text())
+        assert partial["training"]["members"] == "folds"
     finally:
         for learner, raw in saved.items():
             shutil.rmtree(learner / "refit", ignore_errors=True)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -798,6 +799,7 @@ def test_segment_rows_follow_the_input_order(seg_batch: tuple[Result, list[dict[
 
 def test_predict_with_no_readable_input_says_so(tmp_path: Path) -> None:
     """Every input unreadable: exit 1, the CSV has their rows, and the summary names no folder that was not written."""
+    need_classifier()
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_text("not an image\n")
     res = invoke("predict", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
@@ -806,3 +808,39 @@ def test_predict_with_no_readable_input_says_so(tmp_path: Path) -> None:
     assert squash("0/1 predicted: no input could be read") in squash(res.stdout), plain(res.stdout)
     assert csv_rows(tmp_path / "out" / "predictions.csv")[0]["status"] == "error"
     assert not (tmp_path / "out" / "json").exists() and "json" not in plain(res.stdout)
+
+
+def _mixed_folder(root: Path) -> Path:
+    """bad, good, bad, good: sorted names put an unreadable file before each readable one."""
+    folder = root / "mixed"
+    folder.mkdir()
+    (folder / "a_bad.png").write_text("not an image\n")
+    shutil.copy(SAMPLE_A, folder / "b_good.jpg")
+    (folder / "c_bad.png").write_bytes(b"")
+    shutil.copy(SAMPLE_B, folder / "d_good.jpg")
+    return folder
+
+
+def test_predict_rows_follow_the_input_order_with_larger_batches(tmp_path: Path) -> None:
+    need_classifier()
+    folder = _mixed_folder(tmp_path)
+    res = invoke("predict", str(folder), "--out", str(tmp_path / "out"), "--k", "4", "--batch-size", "4", "--device", "cpu")
+    assert_no_bug(res)
+    names = [Path(r["file"]).name for r in csv_rows(tmp_path / "out" / "predictions.csv")]
+    assert names == ["a_bad.png", "b_good.jpg", "c_bad.png", "d_good.jpg"]
+
+
+def test_segment_crash_mid_batch_keeps_the_unreadable_files_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while a batch is segmented loses that batch's masks, not the error rows of its unreadable files."""
+    from patchflannel.segment import LungSegmenter
+
+    def boom(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(LungSegmenter, "segment", boom)
+    folder = _mixed_folder(tmp_path)
+    res = segment(str(folder), "--out", tmp_path / "out", "--batch-size", "4")
+    assert res.exit_code != 0
+    rows = csv_rows(tmp_path / "out" / "masks.csv")
+    assert [Path(r["file"]).name for r in rows] == ["a_bad.png", "c_bad.png"]
+    assert all(r["status"] == "error" for r in rows)

@@ -67,3 +67,24 @@ def test_added_places_partition_what_the_mask_adds() -> None:
     assert a["basal"].sum() == 5 * 10 and a["medial"].sum() == 5 * 3
     assert not a["inside"].any() and not a["no_mask_side"].any()
     assert not any(v.any() for v in mod.added_places(ref, ref).values())
+
+
+def test_added_places_a_leak_under_the_dome_is_basal_not_medial() -> None:
+    """The reference's lowest pixel differs by column (a sloped diaphragm): a leak below it, medial to the
+    costophrenic angle, in rows that still hold reference lung farther out, is basal."""
+    mod = _module()
+    ref = np.zeros((100, 100), bool)
+    for c in range(10, 45):               # left lung: its base rises from row 90 (chest wall) to row 70 (medial)
+        ref[20:90 - (c - 10) * 20 // 35, c] = True
+    ref[20:80, 55:90] = True
+    scr = ref.copy()
+    scr[75:85, 35:44] = True              # under the left dome, rows the lateral lung still reaches
+    scr[30:35, 45:48] = True              # past the left lung's medial edge, above its base: medial
+    a = mod.added_places(ref, scr)
+    leak = np.zeros_like(ref)
+    leak[75:85, 35:44] = True
+    leak &= ~ref
+    np.testing.assert_array_equal(a["basal"], leak)
+    assert a["medial"].sum() == 5 * 3 and not a["inside"].any()
+    # miss_places keeps its row rule (what session 9 measured): the same pixels count as medial there
+    assert mod.miss_places(scr, ref, mid=mod.midline(ref))["medial"][leak].all()
