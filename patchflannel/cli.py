@@ -173,6 +173,18 @@ def _read_batch(files: list[Path], od: Any, csv_name: str, columns: list[str], n
     return batch, images
 
 
+@contextlib.contextmanager
+def _unreadable_rows_kept(deferred: list[Callable[[], None]]) -> Iterator[None]:
+    """Around a batch's computation: should it fail, the batch's unreadable files still get their rows
+    (the deferred reports of :func:`_read_batch`) before the error propagates."""
+    try:
+        yield
+    except BaseException:
+        for report in deferred:
+            report()
+        raise
+
+
 def _in_input_order(chunk: list[Path], batch: list[Path], deferred: list[Callable[[], None]],
                     write_read: Callable[[int], None]) -> None:
     """Write a batch's rows in input order: an unreadable file's deferred report (from :func:`_read_batch`)
@@ -277,17 +289,13 @@ def segment(
                         chunk, deferred = files[start:start + batch_size], []
                         batch, images = _read_batch(chunk, od, "masks.csv", SEG_COLUMNS, names,
                                                     results, lambda: progress.advance(task), deferred)
-                        try:
+                        with _unreadable_rows_kept(deferred):
                             segs = seg.segment(images, convention, batch_size) if images else []
                             jobs = [(od.file("masks", f"{names[f]}.png"), od.file("overlays", f"{names[f]}.png") if overlays
                                      else None, im, res.mask) for f, im, res in zip(batch, images, segs)]
                             if jobs:
                                 with ThreadPoolExecutor(max(1, min(len(jobs), default_threads()))) as pool:  # PNG encoding releases the GIL
                                     list(pool.map(_write_mask, *zip(*jobs)))  # all files of the batch written before its rows
-                        except BaseException:
-                            for report in deferred:  # the unreadable files' rows are not lost with the batch
-                                report()
-                            raise
 
                         def write_row(i: int, batch: list[Path] = batch, images: list[Any] = images,
                                       segs: list[Any] = segs) -> None:
@@ -885,12 +893,8 @@ def explain(
                     chunk, deferred = files[start:start + batch_size], []
                     batch, images = _read_batch(chunk, od, "explanations.csv", EXPLAIN_COLUMNS, names,
                                                 results, lambda: progress.advance(task), deferred)
-                    try:
+                    with _unreadable_rows_kept(deferred):
                         pairs = _predict_maybe_explain(clf, images, kk, seed, batch_size, True, class_name) if images else []
-                    except BaseException:
-                        for report in deferred:  # the unreadable files' rows are not lost with the batch
-                            report()
-                        raise
 
                     def write_result(i: int, batch: list[Path] = batch, images: list[Any] = images,
                                      pairs: list[Any] = pairs) -> None:

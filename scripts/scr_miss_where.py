@@ -191,6 +191,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _groups(rows: list[dict], weights: list[str]):
+    """(weights, domain, rows) for every weights × domain with rows, in table order."""
+    for w in weights:
+        for domain in ("v7", "jsrt"):
+            rs = [r for r in rows if r["weights"] == w and r["domain"] == domain]
+            if rs:
+                yield w, domain, rs
+
+
+def _cell(rs: list[dict], key: str) -> str:
+    """Mean over images (median in brackets) of a share."""
+    v = np.array([r[key] for r in rs])
+    return f"{v.mean():.1%} ({np.median(v):.1%})"
+
+
 def _summary(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
     lines = [f"# Where the `scr` mask misses the reference lung ({args.part} parts of {args.split})", "",
              f"`python scripts/scr_miss_where.py --weights {' '.join(args.weights)} --part {args.part}` "
@@ -199,36 +214,21 @@ def _summary(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
              "| weights | part | n | covered | missed: medial | lateral | basal | apical | inside | no mask on that side "
              "| 1 − medial: mean (median) | images with 1 − medial ≥ 0.85 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for w in args.weights:
-        for domain in ("v7", "jsrt"):
-            rs = [r for r in rows if r["weights"] == w and r["domain"] == domain]
-            if not rs:
-                continue
-
-            def cell(k: str, rs: list[dict] = rs) -> str:
-                v = np.array([r[k] for r in rs])
-                return f"{v.mean():.1%} ({np.median(v):.1%})"
-            ceil = np.array([r["one_minus_medial"] for r in rs])
-            lines.append(f"| `{w}` | {domain} | {len(rs)} | {cell('covered')} | "
-                         + " | ".join(cell(f"miss_{p}") for p in PLACES)
-                         + f" | {cell('one_minus_medial')} | {int((ceil >= 0.85).sum())} of {len(rs)} |")
-    lines += ["", "Where the `scr` mask's pixels outside the reference lie, against the reference lung's extent on each "
-              "side: shares of the `scr` mask's area, mean over images (median in brackets).", "",
+    for w, domain, rs in _groups(rows, args.weights):
+        ceil = np.array([r["one_minus_medial"] for r in rs])
+        lines.append(f"| `{w}` | {domain} | {len(rs)} | {_cell(rs, 'covered')} | "
+                     + " | ".join(_cell(rs, f"miss_{p}") for p in PLACES)
+                     + f" | {_cell(rs, 'one_minus_medial')} | {int((ceil >= 0.85).sum())} of {len(rs)} |")
+    lines += ["", "Where the `scr` mask's pixels outside the reference lie, against the reference lung on each side "
+              "(column first: below or above it in its column; then by row): shares of the `scr` mask's area, mean "
+              "over images (median in brackets).", "",
               "| weights | part | n | outside the reference | beyond its lateral edge | below it (basal) | "
-              "above it (apical) | past its medial edge | in its notches (inside) | on a side without reference lung |",
+              "above it (apical) | past its medial edge | between its edges (inside) | on a side without reference lung |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = ("lateral", "basal", "apical", "medial", "inside", "no_mask_side")
-    for w in args.weights:
-        for domain in ("v7", "jsrt"):
-            rs = [r for r in rows if r["weights"] == w and r["domain"] == domain]
-            if not rs:
-                continue
-
-            def cell2(k: str, rs: list[dict] = rs) -> str:
-                v = np.array([r[k] for r in rs])
-                return f"{v.mean():.1%} ({np.median(v):.1%})"
-            lines.append(f"| `{w}` | {domain} | {len(rs)} | {cell2('added')} | "
-                         + " | ".join(cell2(f"add_{p}") for p in order) + " |")
+    for w, domain, rs in _groups(rows, args.weights):
+        lines.append(f"| `{w}` | {domain} | {len(rs)} | {_cell(rs, 'added')} | "
+                     + " | ".join(_cell(rs, f"add_{p}") for p in order) + " |")
     return "\n".join(lines) + "\n"
 
 
