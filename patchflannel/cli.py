@@ -237,7 +237,8 @@ def segment(
     convention: Annotated[str, typer.Option(help="scr (SCR lungs, without the region behind the heart; what the "
                                                   "classifier samples from) or full (whole lung field, V7 style).")] = "scr",
     weights: Annotated[Optional[str], typer.Option("--weights", help="Lung U-Net weights: a folder or a name. Default: "
-                                                    "lung_unet_jsrt for --convention scr, lung_unet_v7b for full.")] = None,
+                                                    "lung_unet_v7c for --convention scr, lung_unet_v7b for full "
+                                                    "(lung_unet_jsrt: the JSRT-only scr U-Net of v0.1–v0.5).")] = None,
     store: Annotated[Optional[Path], typer.Option(help="Also write images + masks at 1024² to this HDF5 store.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=256)] = 4,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write OUT/overlays/NAME.png (the outline "
@@ -399,7 +400,7 @@ def _print_seg_summary(summary: dict[str, Any], where: Path, prefix: str) -> Non
 def eval_seg(
     data: Annotated[Path, typer.Option(help="A JSRT/SCR folder or a V7 folder (images/, masks/, metadata.csv).")] = Path("../shared/data/jsrt"),
     weights: Annotated[str, typer.Option("--weights", help="Lung U-Net weights: a folder or a name "
-                                                           "(lung_unet_jsrt, lung_unet_v7, …).")] = "lung_unet_jsrt",
+                                                           "(lung_unet_v7c, lung_unet_jsrt, …).")] = "lung_unet_v7c",
     split: Annotated[Optional[Path], typer.Option(help="A train-seg split.json; evaluates its test part. "
                                                        "Default: the test part saved with the weights.")] = None,
     all_images: Annotated[bool, typer.Option("--all", help="Evaluate every image found (ignores the split).")] = False,

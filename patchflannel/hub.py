@@ -14,7 +14,8 @@ Where a name is looked up (first hit wins), by :func:`resolve_weights`:
 1. an explicit path that exists (a folder, or a ``.safetensors`` file);
 2. ``$PATCHFLANNEL_WEIGHTS/NAME`` (a folder of weights);
 3. ``$PATCHFLANNEL_HOME/weights/NAME``;
-4. the weights shipped with the package (``lung_unet_jsrt``, ``lung_unet_v7``, ``lung_unet_v7b``, ``ensemble``).
+4. the weights shipped with the package (``lung_unet_v7c``, ``lung_unet_jsrt``, ``lung_unet_v7``, ``lung_unet_v7b``,
+   ``ensemble``).
 
 Loading never downloads anything.
 """

@@ -51,7 +51,7 @@ __all__ = ["CONVENTIONS", "LungSegmenter", "MaskQuality", "Preprocess", "build_u
 
 WORK_SIZE = 1024  # masks are produced and judged at 1024×1024
 CONVENTIONS = ("scr", "full")
-DEFAULT_SEGMENTER = "lung_unet_jsrt"  # the scr default (see weights/README.md)
+DEFAULT_SEGMENTER = "lung_unet_v7c"  # the scr default since v0.6 (docs/results/seg_v4/DECISION.md; weights/README.md)
 FULL_SEGMENTER = "lung_unet_v7b"  # the two-convention U-Net (scr + full); lung_unet_v7 trained 12 epochs more
 TASK = "lung_segmentation"
 

@@ -250,6 +250,21 @@ def test_segment_full_convention_uses_the_two_convention_unet(tmp_path: Path) ->
     assert res.exit_code == 2 and "lung_unet_v7b" in plain(res.output + (res.stderr or ""))
 
 
+def test_segment_and_eval_seg_default_to_the_scr_default(tmp_path: Path) -> None:
+    """`segment` (scr) and `eval-seg` load the one scr default `segment.DEFAULT_SEGMENTER` names."""
+    import inspect
+
+    from patchflannel.cli import eval_seg
+    from patchflannel.segment import DEFAULT_SEGMENTER
+
+    assert DEFAULT_SEGMENTER == "lung_unet_v7c"  # issue 9 / docs/results/seg_v4/DECISION.md
+    res = runner.invoke(app, ["segment", str(SAMPLE_A), "--out", str(tmp_path / "o"), "--no-overlays"])
+    assert res.exit_code == 0, res.output
+    assert f"(scr convention, {DEFAULT_SEGMENTER}, " in plain(res.stdout)
+    default = inspect.signature(eval_seg).parameters["weights"].default
+    assert default == DEFAULT_SEGMENTER
+
+
 def test_segment_refuses_an_unknown_backend(tmp_path: Path) -> None:
     res = runner.invoke(app, ["segment", str(SAMPLE_A), "--out", str(tmp_path / "o"), "--backend", "tensorrt"])
     text = plain(res.output + (res.stderr or ""))
