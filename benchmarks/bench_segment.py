@@ -27,8 +27,8 @@ round-robin in the same run so their ratio (``ratio_to_torch``) is fair on a noi
 
 Goal: >= 10 images/s on the project's 2-core CPU (issue 9).
 
-Weights: the shipped ``lung_unet`` by default (``--weights NAME_OR_PATH``, resolved like the
-CLI's, e.g. ``--weights lung_unet_jsrt``). ``--random-weights`` uses a randomly
+Weights: ``segment``'s ``scr`` default by default (``patchflannel.segment.DEFAULT_SEGMENTER``, ``lung_unet_v7c``
+since v0.6; ``--weights NAME_OR_PATH``, resolved like the CLI's, e.g. ``--weights lung_unet_jsrt``). ``--random-weights`` uses a randomly
 initialised U-Net of the shipped architecture (``build_unet('resnet18',
 (128,64,32,16,16), 2)`` for the scr + full conventions + ``Preprocess(size=256)``, CLAHE):
 same shapes, same timing, meaningless masks (postprocessing time can differ somewhat, since it
@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None, help="number of JSRT images (default: all)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="images per LungSegmenter.predict call")
     p.add_argument("--weights", default=DEFAULT_SEGMENTER,
-                   help="segmenter weights: a name (lung_unet, lung_unet_jsrt) or a path (folder or .safetensors)")
+                   help="segmenter weights: a name (default: segment's scr default, lung_unet_v7c; lung_unet_jsrt, …) "
+                        "or a path (folder or .safetensors)")
     p.add_argument("--random-weights", action="store_true",
                    help=f"random U-Net of the shipped architecture ({RANDOM_ENCODER}, {list(RANDOM_DECODER)}, "
                         f"input {RANDOM_NET_SIZE}) instead of --weights; same timing")

@@ -234,8 +234,9 @@ SEG_COLUMNS = ["file", "name", "status", "error", "width", "height", "convention
 def segment(
     inputs: Annotated[list[Path], typer.Argument(help="Radiograph files or folders (PNG, JPEG, DICOM, JSRT .IMG, …).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder: masks/, overlays/ (unless --no-overlays), masks.csv.")] = Path("out"),
-    convention: Annotated[str, typer.Option(help="scr (SCR lungs, without the region behind the heart; what the "
-                                                  "classifier samples from) or full (whole lung field, V7 style).")] = "scr",
+    convention: Annotated[str, typer.Option(help="scr (SCR lungs, without the region behind the heart; the "
+                                                  "convention the classifier samples from, with its own pinned "
+                                                  "U-Net lung_unet_v7) or full (whole lung field, V7 style).")] = "scr",
     weights: Annotated[Optional[str], typer.Option("--weights", help="Lung U-Net weights: a folder or a name. Default: "
                                                     "lung_unet_v7c for --convention scr, lung_unet_v7b for full "
                                                     "(lung_unet_jsrt: the JSRT-only scr U-Net of v0.1–v0.5).")] = None,

@@ -25,7 +25,7 @@ from conftest import load_script, shipped_classifier, shipped_patch_member
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 SHIPPED_ENSEMBLE = ROOT / "weights" / "ensemble"
-SEG = "lung_unet_jsrt"  # the legacy shipped U-Net; weights/lung_unet may not exist yet
+SEG = "lung_unet_jsrt"  # a shipped one-output U-Net, passed explicitly (the scr default is lung_unet_v7c since v0.6)
 
 
 def _load(name: str) -> ModuleType:

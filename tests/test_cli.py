@@ -26,7 +26,7 @@ SAMPLES = ROOT / "samples"
 SAMPLE_A = SAMPLES / "kcx-IM-0117-0001.jpg"
 SAMPLE_B = SAMPLES / "kcx-person1008_bacteria_2939.jpg"
 ENSEMBLE = ROOT / "weights" / "ensemble"
-SEG = "lung_unet_jsrt"  # pass it explicitly: the default weights/lung_unet may not exist yet
+SEG = "lung_unet_jsrt"  # one-output legacy U-Net, passed explicitly (the scr default is lung_unet_v7c since v0.6)
 CLASSES = ("normal", "bacteria", "virus", "covid")
 runner = CliRunner()
 

@@ -37,6 +37,27 @@ def test_paired_difference_and_patient_resampling(tmp_path: Path) -> None:
     assert r["a_lower"] == 12 and r["a_higher"] == 0
 
 
+def test_dotted_ids_keep_their_own_patient(tmp_path: Path) -> None:
+    """V7 ids contain dots (``1-s2.0-…``): each must find its own patient. Cut at the first dot, all four
+    ids below would read ``1-s2`` and the two patients would merge into one."""
+    mod = load_script(SCRIPT)
+    ids = ["1-s2.0-S22-gr1-a", "1-s2.0-S22-gr1-b", "1-s2.0-S99-fig3a", "1-s2.0-S99-fig3b"]
+    a = _metrics(tmp_path / "a.csv", dict(zip(ids, [0.9, 0.9, 0.7, 0.7])))
+    b = _metrics(tmp_path / "b.csv", dict(zip(ids, [0.8, 0.8, 0.8, 0.8])))
+    meta = tmp_path / "meta.csv"
+    meta.write_text("image_id,image,patient_id\n" + "".join(
+        f"{i},images/{i}.jpg,{p}\n" for i, p in zip(ids, ["ccx-316", "ccx-316", "ccx-9", "ccx-9"])))
+    out = tmp_path / "r.json"
+    assert mod.main([str(a), str(b), "--metadata", str(meta), "--json", str(out), "--resamples", "400"]) == 0
+    r = json.loads(out.read_text())
+    assert r["n_patients"] == 2 and r["n_images"] == 4
+    assert r["mean_a_minus_b"] == pytest.approx(0.0)
+    assert r["ci95"] == pytest.approx([-0.1, 0.1])  # two patients, each +0.1 or −0.1 on both images
+    meta.write_text("image_id,patient_id\n" + "".join(f"{i},p\n" for i in ids[:3]))
+    with pytest.raises(SystemExit, match="no patient for 1 image"):
+        mod.main([str(a), str(b), "--metadata", str(meta)])
+
+
 def test_refuses_a_file_that_is_not_eval_seg_output(tmp_path: Path) -> None:
     mod = load_script(SCRIPT)
     bad = tmp_path / "bad.csv"

@@ -30,7 +30,7 @@ from patchflannel.data import (
 from patchflannel.errors import ConfigError, DataError, ResumeError
 from patchflannel.patch_train import PatchTrainConfig
 
-SEG = "lung_unet_jsrt"  # the shipped scr U-Net the classifier uses
+SEG = "lung_unet_jsrt"  # a shipped one-output scr U-Net (the shipped classifier uses lung_unet_v7)
 LEARNER = "mobilenet_v3_small"
 
 
