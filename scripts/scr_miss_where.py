@@ -70,36 +70,48 @@ def midline(ref: np.ndarray) -> float:
     return float(np.mean([c.cx for c in comps[:2]]) * ref.shape[1])
 
 
-def miss_places(ref: np.ndarray, scr: np.ndarray, mid: float | None = None) -> dict[str, np.ndarray]:
-    """Boolean maps, one per place in :data:`PLACES`, that together partition ``ref & ~scr``."""
-    h, w = ref.shape
-    mid = midline(ref) if mid is None else mid
-    cols = np.arange(w)[None, :]
-    rows = np.arange(h)[:, None]
-    miss = ref & ~scr
-    out = {p: np.zeros_like(miss) for p in PLACES}
+def _sides(pixels: np.ndarray, lung: np.ndarray, mid: float, out: dict[str, np.ndarray]):
+    """For each side of the midline: (is the image-left side, the side's ``pixels``, the side's largest
+    ``lung`` component). A side without lung puts its pixels in ``out["no_mask_side"]`` and is skipped."""
+    cols = np.arange(pixels.shape[1])[None, :]
     for side_is_left in (True, False):
         side = cols < mid if side_is_left else cols >= mid
-        m = miss & side
-        s = _largest(scr & side)   # the side's lung; pixels of other scr components still count as covered
+        m = pixels & side
+        s = _largest(lung & side)   # the side's lung; pixels of its other components still count as lung
         if not s.any():
             out["no_mask_side"] |= m
             continue
-        has = s.any(1)
-        lo = np.where(has, np.argmax(s, 1), -1)[:, None]                       # first scr column in the row
-        hi = np.where(has, w - 1 - np.argmax(s[:, ::-1], 1), -1)[:, None]      # last scr column in the row
-        med_side = cols > hi if side_is_left else cols < lo                     # toward the midline
-        lat_side = cols < lo if side_is_left else cols > hi
-        in_row = has[:, None]
-        r_has = np.flatnonzero(has)
-        top, bottom = r_has.min(), r_has.max()
-        medial = m & in_row & med_side
-        lateral = m & in_row & lat_side
-        basal = m & ~in_row & (rows > bottom)
-        apical = m & ~in_row & (rows < top) & ~basal
-        for name, part in (("medial", medial), ("lateral", lateral), ("basal", basal), ("apical", apical)):
+        yield side_is_left, m, s
+
+
+def _by_row(m: np.ndarray, s: np.ndarray, side_is_left: bool) -> dict[str, np.ndarray]:
+    """Pixels ``m`` placed by row against one side's lung ``s``: past its medial or lateral edge in their
+    row, below (basal) or above (apical) its rows, or between its edges (inside)."""
+    h, w = s.shape
+    cols = np.arange(w)[None, :]
+    rows = np.arange(h)[:, None]
+    has = s.any(1)
+    lo = np.where(has, np.argmax(s, 1), -1)[:, None]                       # first lung column in the row
+    hi = np.where(has, w - 1 - np.argmax(s[:, ::-1], 1), -1)[:, None]      # last lung column in the row
+    med_side = cols > hi if side_is_left else cols < lo                     # toward the midline
+    lat_side = cols < lo if side_is_left else cols > hi
+    in_row = has[:, None]
+    r_has = np.flatnonzero(has)
+    top, bottom = r_has.min(), r_has.max()
+    out = {"medial": m & in_row & med_side, "lateral": m & in_row & lat_side,
+           "basal": m & ~in_row & (rows > bottom)}
+    out["apical"] = m & ~in_row & (rows < top) & ~out["basal"]
+    out["inside"] = m & ~(out["medial"] | out["lateral"] | out["basal"] | out["apical"])
+    return out
+
+
+def miss_places(ref: np.ndarray, scr: np.ndarray, mid: float | None = None) -> dict[str, np.ndarray]:
+    """Boolean maps, one per place in :data:`PLACES`, that together partition ``ref & ~scr``."""
+    miss = ref & ~scr
+    out = {p: np.zeros_like(miss) for p in PLACES}
+    for side_is_left, m, s in _sides(miss, scr, midline(ref) if mid is None else mid, out):
+        for name, part in _by_row(m, s, side_is_left).items():
             out[name] |= part
-        out["inside"] |= m & ~(medial | lateral | basal | apical)
     return out
 
 
@@ -113,30 +125,21 @@ def added_places(ref: np.ndarray, scr: np.ndarray) -> dict[str, np.ndarray]:
     still holds reference lung) and one above its highest is ``apical``; the rest is placed by row as in
     :func:`miss_places` (``medial``/``lateral`` of the reference's edges in its row, ``basal``/``apical``
     beyond its rows, ``inside`` between its edges)."""
-    h, w = ref.shape
-    mid = midline(ref)
-    cols = np.arange(w)[None, :]
+    h = ref.shape[0]
     rows = np.arange(h)[:, None]
     added = scr & ~ref
     out = {p: np.zeros_like(added) for p in PLACES}
-    for side_is_left in (True, False):
-        side = cols < mid if side_is_left else cols >= mid
-        m = added & side
-        r = _largest(ref & side)
-        if not r.any():
-            out["no_mask_side"] |= m
-            continue
-        col_has = r.any(0)
-        col_top = np.where(col_has, np.argmax(r, 0), h)[None, :]                  # highest reference row per column
-        col_bottom = np.where(col_has, h - 1 - np.argmax(r[::-1], 0), -1)[None, :]  # lowest
-        basal = m & col_has[None, :] & (rows > col_bottom)
-        apical = m & col_has[None, :] & (rows < col_top)
-        by_row = miss_places(m | r, r, mid=mid)   # the remaining pixels, placed by row against the reference
-        rest = m & ~basal & ~apical
-        out["basal"] |= basal | (rest & by_row["basal"])
-        out["apical"] |= apical | (rest & by_row["apical"])
+    for side_is_left, m, r in _sides(added, ref, midline(ref), out):
+        col_has = r.any(0)[None, :]
+        col_top = np.where(col_has, np.argmax(r, 0), h)                  # highest reference row per column
+        col_bottom = np.where(col_has, h - 1 - np.argmax(r[::-1], 0), -1)  # lowest
+        basal = m & col_has & (rows > col_bottom)
+        apical = m & col_has & (rows < col_top)
+        by_row = _by_row(m & ~basal & ~apical, r, side_is_left)   # the remaining pixels, placed by row
+        out["basal"] |= basal | by_row["basal"]
+        out["apical"] |= apical | by_row["apical"]
         for name in ("medial", "lateral", "inside"):
-            out[name] |= rest & by_row[name]
+            out[name] |= by_row[name]
     return out
 
 
