@@ -193,20 +193,19 @@ def _in_input_order(chunk: list[Path], batch: list[Path], deferred: list[Callabl
     readable = set(batch)
     failed = iter(deferred)
     steps = [None if f in readable else next(failed) for f in chunk]
-    pending = [r for r in steps if r is not None]
     i = 0
-    try:
-        for report in steps:
+    for n, report in enumerate(steps):
+        try:
             if report is None:
                 write_read(i)
                 i += 1
             else:
-                pending.remove(report)
                 report()
-    except BaseException:
-        for report in pending:
-            report()
-        raise
+        except BaseException:
+            for later in steps[n + 1:]:
+                if later is not None:
+                    later()
+            raise
 
 
 def _summary_table(results: list[dict[str, Any]], title: str, limit: int = 40) -> None:

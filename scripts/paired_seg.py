@@ -32,29 +32,20 @@ def _read(path: Path, convention: str, metric: str) -> dict[str, float]:
     return {r["image"]: float(r[metric]) for r in rows if r.get("convention") == convention and r[metric] != ""}
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".img"}
-
-
-def _image_id(name: str) -> str:
-    """An image's id: its file name without folders or an image extension (ids may contain dots: ``1-s2.0-…``)."""
-    base = Path(name).name
-    return base[: -len(Path(base).suffix)] if Path(base).suffix.lower() in IMAGE_SUFFIXES else base
-
-
 def _patients(metadata: Path | None, images: list[str]) -> np.ndarray:
+    """Patient codes of ``images`` (eval-seg's ``image`` column holds the image ids exactly as the
+    metadata's ``image_id``; V7 ids contain dots, ``1-s2.0-…``, so nothing is cut from them)."""
     if metadata is None:
         return np.arange(len(images))
     with metadata.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    if not rows or "patient_id" not in rows[0] or not {"image_id", "image"} & set(rows[0]):
-        raise SystemExit(f"{metadata}: needs image_id (or image) and patient_id columns")
-    key = "image_id" if "image_id" in rows[0] else "image"
-    pid = {_image_id(r[key]): r["patient_id"] or _image_id(r[key]) for r in rows}
-    missing = [i for i in images if _image_id(i) not in pid]
+    if not rows or not {"image_id", "patient_id"} <= set(rows[0]):
+        raise SystemExit(f"{metadata}: needs image_id and patient_id columns")
+    pid = {r["image_id"]: r["patient_id"] or r["image_id"] for r in rows}
+    missing = [i for i in images if i not in pid]
     if missing:
         raise SystemExit(f"{metadata}: no patient for {len(missing)} image(s), e.g. {missing[0]!r}")
-    names = [pid[_image_id(i)] for i in images]
-    _, codes = np.unique(names, return_inverse=True)
+    _, codes = np.unique([pid[i] for i in images], return_inverse=True)
     return codes
 
 
